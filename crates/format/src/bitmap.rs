@@ -84,9 +84,15 @@ mod tests {
     fn bit_order_matches_kernel() {
         // dmthin-format.md §13: 32 entries of count 1 read 0xAAAA..., count 2 0x5555....
         let b = pack(std::iter::repeat_n(1, 32), MetaBlock(9));
-        assert_eq!(le::u64_at(&b[..], WORDS_OFFSET), Some(0xAAAA_AAAA_AAAA_AAAA));
+        assert_eq!(
+            le::u64_at(&b[..], WORDS_OFFSET),
+            Some(0xAAAA_AAAA_AAAA_AAAA)
+        );
         let b = pack(std::iter::repeat_n(2, 32), MetaBlock(9));
-        assert_eq!(le::u64_at(&b[..], WORDS_OFFSET), Some(0x5555_5555_5555_5555));
+        assert_eq!(
+            le::u64_at(&b[..], WORDS_OFFSET),
+            Some(0x5555_5555_5555_5555)
+        );
     }
 
     #[test]

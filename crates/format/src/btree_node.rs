@@ -165,7 +165,10 @@ impl Node {
     /// Encode and seal for location `loc`. Panics if the node is overfull: that is a
     /// bug in the caller, never a property of input data.
     pub fn pack(&self, loc: MetaBlock) -> Box<Block> {
-        assert!(self.keys.len() <= self.max_entries as usize, "overfull node");
+        assert!(
+            self.keys.len() <= self.max_entries as usize,
+            "overfull node"
+        );
         let mut b = zeroed_block();
         let s = &mut b[..];
         let flags = match self.kind {
@@ -284,7 +287,10 @@ mod tests {
         for bit in (0..4096 * 8).step_by(37) {
             let mut c = b.clone();
             c[bit / 8] ^= 1 << (bit % 8);
-            assert!(Node::unpack(&c, MetaBlock(42), Some(8)).is_err(), "bit {bit}");
+            assert!(
+                Node::unpack(&c, MetaBlock(42), Some(8)).is_err(),
+                "bit {bit}"
+            );
         }
     }
 

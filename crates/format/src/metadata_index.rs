@@ -25,7 +25,11 @@ pub const MAX_METADATA_BITMAPS: usize = 255;
 pub const MAX_METADATA_BLOCKS: u64 = MAX_METADATA_BITMAPS as u64 * ENTRIES_PER_BITMAP;
 
 /// Validate and decode the first `nr_bitmaps` entries.
-pub fn unpack(block: &Block, loc: MetaBlock, nr_bitmaps: usize) -> Result<Vec<IndexEntry>, FormatError> {
+pub fn unpack(
+    block: &Block,
+    loc: MetaBlock,
+    nr_bitmaps: usize,
+) -> Result<Vec<IndexEntry>, FormatError> {
     let err = |r| FormatError::new(loc, BlockKind::MetadataIndex, r);
     let recorded = le::u64_at(block, BLOCKNR_OFFSET).unwrap_or(u64::MAX);
     if recorded != loc.0 {

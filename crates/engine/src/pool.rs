@@ -1,0 +1,747 @@
+//! The public pool: thin device management, byte-addressed data I/O and the commit
+//! schedule.
+//!
+//! Locking (outermost first): a per-device RwLock (I/O shares it; snapshot and delete
+//! take it exclusively, so a snapshot contains exactly the writes completed before it),
+//! a striped per-(device, virtual block) RwLock (a write or discard of a block excludes
+//! reads and other writes of that block, so two writers never both provision it and a
+//! read never sees a half-written block), then the metadata mutex, held only for
+//! metadata lookups and updates — data I/O runs outside it.
+//!
+//! Durability: a write is durable once `flush` (or `commit`) returns. Data of a newly
+//! provisioned block is written before the mapping is inserted, and every commit flushes
+//! the data device before it writes metadata.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use thinvol_format::{DataBlock, DataBlockSize, MetaBlock, ThinId, VBlock, METADATA_BLOCK_SIZE};
+
+use crate::error::{io_err, Error, Result};
+use crate::metadata::{Mapped, Metadata};
+use crate::storage::{FileStorage, Storage};
+
+/// File names inside a pool directory.
+pub const METADATA_FILE: &str = "metadata";
+pub const DATA_FILE: &str = "data";
+
+const STRIPES: usize = 4096;
+
+/// Parameters of a new pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub data_block_size: DataBlockSize,
+    /// Data device size in bytes (rounded down to whole blocks).
+    pub data_size: u64,
+    /// Metadata device size in bytes; derived from the data size when None.
+    pub metadata_size: Option<u64>,
+    /// Commit at most this long after the first uncommitted change.
+    pub commit_interval: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            data_block_size: DataBlockSize::DEFAULT,
+            data_size: 1 << 30,
+            metadata_size: None,
+            commit_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Metadata size for a data device, like `thin_metadata_size`: room for every data block
+/// mapped in half-full leaves, twice over for snapshots, plus space maps, at least 2 MiB,
+/// at most dm-thin's 15.9 GiB limit.
+pub fn default_metadata_size(data_size: u64, block: DataBlockSize) -> u64 {
+    let blocks = data_size / block.bytes();
+    let bytes = 48u64.saturating_mul(blocks).saturating_add(1 << 20);
+    let max = thinvol_format::metadata_index::MAX_METADATA_BLOCKS * METADATA_BLOCK_SIZE as u64;
+    bytes
+        .clamp(2 << 20, max)
+        .div_ceil(METADATA_BLOCK_SIZE as u64)
+        * METADATA_BLOCK_SIZE as u64
+}
+
+/// What the pool knows about one thin device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub id: ThinId,
+    pub mapped_blocks: u64,
+    pub transaction_id: u64,
+    pub creation_time: u32,
+    pub snapshotted_time: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolStatus {
+    pub data_block_size: u64,
+    pub data_blocks_total: u64,
+    pub data_blocks_used: u64,
+    pub metadata_blocks_total: u64,
+    pub metadata_blocks_used: u64,
+    pub transaction_id: u64,
+    pub time: u32,
+    pub held_metadata_root: Option<MetaBlock>,
+    pub devices: usize,
+    pub needs_check: bool,
+}
+
+struct State {
+    md: Metadata,
+    poisoned: Option<String>,
+    first_dirty: Option<Instant>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    data: Arc<dyn Storage>,
+    block_bytes: u64,
+    stripes: Box<[RwLock<()>]>,
+    dev_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    stop: AtomicBool,
+    committer: Mutex<Option<JoinHandle<()>>>,
+    commit_interval: Duration,
+    dir: Option<PathBuf>,
+}
+
+/// A thin pool. Cheap to clone; all methods take `&self` and are safe from many threads.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+/// Options for opening an existing pool.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub commit_interval: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            commit_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Pool {
+    /// Create a pool in `dir` (created if missing; must not already hold a pool):
+    /// sparse files `metadata` and `data`.
+    pub fn create(dir: &Path, cfg: &PoolConfig) -> Result<Pool> {
+        std::fs::create_dir_all(dir)
+            .map_err(io_err(format!("pool directory {}", dir.display())))?;
+        let bs = cfg.data_block_size.bytes();
+        let nr_blocks = cfg.data_size / bs;
+        if nr_blocks == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data size {} is smaller than one data block ({})",
+                cfg.data_size, bs
+            )));
+        }
+        let msize = cfg
+            .metadata_size
+            .unwrap_or_else(|| default_metadata_size(cfg.data_size, cfg.data_block_size));
+        let mpath = dir.join(METADATA_FILE);
+        let dpath = dir.join(DATA_FILE);
+        let meta = FileStorage::create(&mpath, msize)
+            .map_err(io_err(format!("creating {}", mpath.display())))?;
+        let data = match FileStorage::create(&dpath, nr_blocks * bs) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&mpath);
+                return Err(io_err(format!("creating {}", dpath.display()))(e));
+            }
+        };
+        let pool = Self::format_on(
+            Arc::new(meta),
+            Arc::new(data),
+            cfg.data_block_size,
+            cfg.commit_interval,
+            Some(dir),
+        );
+        if pool.is_err() {
+            let _ = std::fs::remove_file(&mpath);
+            let _ = std::fs::remove_file(&dpath);
+        }
+        pool
+    }
+
+    /// Open the pool in `dir`.
+    pub fn open(dir: &Path) -> Result<Pool> {
+        Self::open_with(dir, &OpenOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<Pool> {
+        let mpath = dir.join(METADATA_FILE);
+        let dpath = dir.join(DATA_FILE);
+        let meta = FileStorage::open(&mpath, true)
+            .map_err(io_err(format!("opening {}", mpath.display())))?;
+        let data = FileStorage::open(&dpath, true)
+            .map_err(io_err(format!("opening {}", dpath.display())))?;
+        Self::open_on_inner(Arc::new(meta), Arc::new(data), opts, Some(dir))
+    }
+
+    /// Format a pool on arbitrary storage (files, block devices, test backends). The
+    /// data device's size decides the number of data blocks.
+    pub fn format_on(
+        meta: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        block: DataBlockSize,
+        commit_interval: Duration,
+        dir: Option<&Path>,
+    ) -> Result<Pool> {
+        let nr_blocks = data.len().map_err(io_err("data device"))? / block.bytes();
+        let md = Metadata::format(meta, &*data, block.sectors(), nr_blocks)?;
+        Ok(Self::start(md, data, commit_interval, dir))
+    }
+
+    /// Open a pool on arbitrary storage.
+    pub fn open_on(
+        meta: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: &OpenOptions,
+    ) -> Result<Pool> {
+        Self::open_on_inner(meta, data, opts, None)
+    }
+
+    fn open_on_inner(
+        meta: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        dir: Option<&Path>,
+    ) -> Result<Pool> {
+        let md = Metadata::open(meta)?;
+        let need = md.nr_data_blocks() * md.data_block_bytes;
+        let have = data.len().map_err(io_err("data device"))?;
+        if have < need {
+            return Err(Error::InvalidArgument(format!(
+                "data device is {have} bytes but the pool's metadata describes {need} bytes"
+            )));
+        }
+        Ok(Self::start(md, data, opts.commit_interval, dir))
+    }
+
+    fn start(
+        md: Metadata,
+        data: Arc<dyn Storage>,
+        commit_interval: Duration,
+        dir: Option<&Path>,
+    ) -> Pool {
+        let block_bytes = md.data_block_bytes;
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                md,
+                poisoned: None,
+                first_dirty: None,
+            }),
+            data,
+            block_bytes,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            dev_locks: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            committer: Mutex::new(None),
+            commit_interval,
+            dir: dir.map(Path::to_path_buf),
+        });
+        if !commit_interval.is_zero() {
+            let weak = Arc::downgrade(&inner);
+            let tick = (commit_interval / 10).max(Duration::from_millis(10));
+            let h = std::thread::Builder::new()
+                .name("thinvol-commit".into())
+                .spawn(move || committer(weak, tick))
+                .ok();
+            *inner.committer.lock() = h;
+        }
+        Pool { inner }
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    /// Data block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.inner.block_bytes
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.inner.state.lock();
+        if let Some(p) = &st.poisoned {
+            return Err(Error::Poisoned(p.clone()));
+        }
+        Ok(st)
+    }
+
+    /// Run a metadata mutation; failures that may have left partial in-memory state
+    /// poison the pool (the device still holds the last commit).
+    fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+        let mut st = self.state()?;
+        let r = f(&mut st.md);
+        match &r {
+            Ok(_) => {
+                if st.md.changed && st.first_dirty.is_none() {
+                    st.first_dirty = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                let partial = st.md.tm.alloc_failed
+                    || matches!(
+                        e,
+                        Error::Io { .. } | Error::Inconsistent { .. } | Error::Corrupt(_)
+                    );
+                if partial {
+                    st.poisoned = Some(e.to_string());
+                }
+            }
+        }
+        r
+    }
+
+    fn dev_lock(&self, id: ThinId) -> Arc<RwLock<()>> {
+        self.inner.dev_locks.lock().entry(id.0).or_default().clone()
+    }
+
+    fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
+        let h = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vb.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+            as usize;
+        &self.inner.stripes[h % STRIPES]
+    }
+
+    // ---- thin devices ----
+
+    pub fn create_thin(&self, id: ThinId) -> Result<()> {
+        self.mutate(|md| md.create_thin(id))
+    }
+
+    /// Snapshot `origin` as `id` in O(1). Waits for in-flight I/O on the origin.
+    pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
+        let l = self.dev_lock(origin);
+        let _g = l.write();
+        self.mutate(|md| md.create_snap(id, origin))
+    }
+
+    /// Snapshot several devices in one metadata transaction: all or none.
+    pub fn create_snaps(&self, pairs: &[(ThinId, ThinId)]) -> Result<()> {
+        let mut origins: Vec<u64> = pairs.iter().map(|p| p.1 .0).collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let locks: Vec<_> = origins.iter().map(|&o| self.dev_lock(ThinId(o))).collect();
+        let _guards: Vec<_> = locks.iter().map(|l| l.write()).collect();
+        let mut st = self.state()?;
+        // Commit first so that a failure half-way can be undone by reopening... no: check
+        // everything up front so the transaction never half-applies.
+        for (i, (id, origin)) in pairs.iter().enumerate() {
+            if !id.is_valid() {
+                return Err(Error::BadDeviceId(*id));
+            }
+            if st.md.exists(*id) || pairs[..i].iter().any(|p| p.0 == *id) {
+                return Err(Error::DeviceExists(*id));
+            }
+            if !st.md.exists(*origin) {
+                return Err(Error::NoSuchDevice(*origin));
+            }
+        }
+        drop(st);
+        self.mutate(|md| {
+            for (id, origin) in pairs {
+                md.create_snap(*id, *origin)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn delete_thin(&self, id: ThinId) -> Result<()> {
+        let l = self.dev_lock(id);
+        let g = l.write();
+        let r = self.mutate(|md| md.delete(id));
+        drop(g);
+        if r.is_ok() {
+            self.inner.dev_locks.lock().remove(&id.0);
+        }
+        r
+    }
+
+    pub fn exists(&self, id: ThinId) -> Result<bool> {
+        Ok(self.state()?.md.exists(id))
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let st = self.state()?;
+        Ok(st
+            .md
+            .details
+            .iter()
+            .map(|(&id, d)| DeviceInfo {
+                id: ThinId(id),
+                mapped_blocks: d.mapped_blocks,
+                transaction_id: d.transaction_id,
+                creation_time: d.creation_time,
+                snapshotted_time: d.snapshotted_time,
+            })
+            .collect())
+    }
+
+    pub fn device(&self, id: ThinId) -> Result<DeviceInfo> {
+        self.devices()?
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or(Error::NoSuchDevice(id))
+    }
+
+    /// All mappings of a device as (virtual block, data block), in order.
+    pub fn mappings(&self, id: ThinId) -> Result<Vec<(VBlock, DataBlock)>> {
+        self.mappings_range(id, 0, u64::MAX)
+    }
+
+    pub fn mappings_range(&self, id: ThinId, lo: u64, hi: u64) -> Result<Vec<(VBlock, DataBlock)>> {
+        let mut st = self.state()?;
+        Ok(st
+            .md
+            .mappings(id, lo, hi)?
+            .into_iter()
+            .map(|(v, bt)| (v, bt.block))
+            .collect())
+    }
+
+    // ---- data I/O ----
+
+    fn segments(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
+        let bs = self.inner.block_bytes;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::InvalidArgument("offset + length overflows".into()))?;
+        if end.div_ceil(bs) > thinvol_format::MAX_DATA_BLOCK {
+            return Err(Error::InvalidArgument(format!(
+                "range ends at byte {end}, beyond the largest thin device"
+            )));
+        }
+        let mut v = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let vb = pos / bs;
+            let off = pos % bs;
+            let n = (bs - off).min(end - pos);
+            v.push((vb, off, n));
+            pos += n;
+        }
+        Ok(v)
+    }
+
+    fn check_device(&self, id: ThinId) -> Result<()> {
+        if self.state()?.md.exists(id) {
+            Ok(())
+        } else {
+            Err(Error::NoSuchDevice(id))
+        }
+    }
+
+    /// Read `buf.len()` bytes at byte `offset`; unmapped ranges read as zeros.
+    pub fn read(&self, id: ThinId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let l = self.dev_lock(id);
+        let _g = l.read();
+        self.check_device(id)?;
+        let bs = self.inner.block_bytes;
+        let mut done = 0usize;
+        for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
+            let seg = &mut buf[done..done + n as usize];
+            done += n as usize;
+            let _s = self.stripe(id, vb).read();
+            let m = self.state()?.md.lookup(id, VBlock(vb))?;
+            match m {
+                None => seg.fill(0),
+                Some(bt) => self
+                    .inner
+                    .data
+                    .read_at(seg, bt.block.0 * bs + off)
+                    .map_err(io_err(format!("data block {}", bt.block.0)))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at byte `offset`. Durable after the next `flush`.
+    pub fn write(&self, id: ThinId, offset: u64, buf: &[u8]) -> Result<()> {
+        let l = self.dev_lock(id);
+        let _g = l.read();
+        self.check_device(id)?;
+        let mut done = 0usize;
+        for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
+            let seg = &buf[done..done + n as usize];
+            done += n as usize;
+            self.write_block(id, vb, off, Some(seg))?;
+        }
+        Ok(())
+    }
+
+    /// Write zeros. Whole blocks are unmapped (reads return zeros; space is freed).
+    pub fn write_zeroes(&self, id: ThinId, offset: u64, len: u64) -> Result<()> {
+        self.discard(id, offset, len)
+    }
+
+    /// Discard a byte range: whole blocks are unmapped and their space released once no
+    /// device references them; partial blocks at the edges are zeroed, so the range
+    /// always reads back as zeros.
+    pub fn discard(&self, id: ThinId, offset: u64, len: u64) -> Result<()> {
+        let l = self.dev_lock(id);
+        let _g = l.read();
+        self.check_device(id)?;
+        let bs = self.inner.block_bytes;
+        for (vb, off, n) in self.segments(offset, len)? {
+            if n == bs {
+                let _s = self.stripe(id, vb).write();
+                let mut st = self.state()?;
+                if st.md.lookup(id, VBlock(vb))?.is_none() {
+                    continue;
+                }
+                drop(st);
+                self.mutate(|md| {
+                    md.ensure_metadata_space()?;
+                    md.remove_mapping(id, VBlock(vb))
+                })?;
+                st = self.state()?;
+                // Keep long discards from exhausting metadata before a commit.
+                if st.md.tm.free_blocks() < 2 * st.md.tm.reserve {
+                    self.commit_locked(&mut st)?;
+                }
+            } else {
+                self.write_block(id, vb, off, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write one segment within block `vb` (`data` None = zeros).
+    fn write_block(&self, id: ThinId, vb: u64, off: u64, data: Option<&[u8]>) -> Result<()> {
+        let bs = self.inner.block_bytes;
+        let n = data.map_or(bs - off, |d| d.len() as u64);
+        let _s = self.stripe(id, vb).write();
+        let m = self.state()?.md.lookup_for_write(id, VBlock(vb))?;
+        let io = &self.inner.data;
+        match (m, data) {
+            (Mapped::Exclusive(b), Some(d)) => {
+                return io
+                    .write_at(d, b.0 * bs + off)
+                    .map_err(io_err(format!("data block {}", b.0)));
+            }
+            (Mapped::Exclusive(b), None) => {
+                let z = vec![0u8; n as usize];
+                return io
+                    .write_at(&z, b.0 * bs + off)
+                    .map_err(io_err(format!("data block {}", b.0)));
+            }
+            (Mapped::Unmapped, None) => return Ok(()),
+            _ => {}
+        }
+        let nb = {
+            let mut st = self.state()?;
+            st.md.ensure_metadata_space()?;
+            st.md.reserve_data_block()?
+        };
+        let r = (|| {
+            if off == 0 && n == bs {
+                if let Some(d) = data {
+                    return io.write_at(d, nb.0 * bs);
+                }
+            }
+            let mut blk = vec![0u8; bs as usize];
+            if let Mapped::Shared(old) = m {
+                io.read_at(&mut blk, old.0 * bs)?;
+            }
+            match data {
+                Some(d) => blk[off as usize..(off + n) as usize].copy_from_slice(d),
+                None => blk[off as usize..(off + n) as usize].fill(0),
+            }
+            io.write_at(&blk, nb.0 * bs)
+        })();
+        let mut st = self.inner.state.lock();
+        st.md.unreserve_data_block(nb);
+        drop(st);
+        r.map_err(io_err(format!("data block {}", nb.0)))?;
+        self.mutate(|md| md.insert_mapping(id, VBlock(vb), nb).map(|_| ()))
+    }
+
+    // ---- transactions ----
+
+    /// Commit: everything written before this call is durable when it returns.
+    pub fn commit(&self) -> Result<()> {
+        let mut st = self.state()?;
+        self.commit_locked(&mut st)
+    }
+
+    /// Same as [`Pool::commit`]; the name block-device front ends use.
+    pub fn flush(&self) -> Result<()> {
+        self.commit()
+    }
+
+    fn commit_locked(&self, st: &mut State) -> Result<()> {
+        match st.md.commit(&*self.inner.data) {
+            Ok(freed) => {
+                st.first_dirty = None;
+                self.release_data(&freed);
+                Ok(())
+            }
+            Err(e) => {
+                st.poisoned = Some(format!("commit failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Give freed data blocks' space back to the host (hole punch / discard). Only
+    /// after the commit that freed them is durable: before that, the previous commit
+    /// may still map them.
+    fn release_data(&self, freed: &[DataBlock]) {
+        let bs = self.inner.block_bytes;
+        let mut i = 0;
+        while i < freed.len() {
+            let start = freed[i].0;
+            let mut end = start + 1;
+            while i + 1 < freed.len() && freed[i + 1].0 == end {
+                end += 1;
+                i += 1;
+            }
+            i += 1;
+            // Best effort: a failed punch leaves stale bytes in a free block, which is
+            // harmless (free blocks are fully rewritten before they are mapped).
+            let _ = self.inner.data.discard(start * bs, (end - start) * bs);
+        }
+    }
+
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        self.mutate(|md| md.set_transaction_id(old, new))
+    }
+
+    /// Take the pool's single metadata snapshot (commits before and after).
+    pub fn reserve_metadata_snap(&self) -> Result<MetaBlock> {
+        let mut st = self.state()?;
+        self.commit_locked(&mut st)?;
+        let b = st.md.reserve_metadata_snap();
+        if b.is_err() && st.md.tm.alloc_failed {
+            st.poisoned = Some("metadata snapshot reservation failed".into());
+        }
+        let b = b?;
+        self.commit_locked(&mut st)?;
+        Ok(b)
+    }
+
+    pub fn release_metadata_snap(&self) -> Result<()> {
+        let mut st = self.state()?;
+        if let Err(e) = st.md.release_metadata_snap() {
+            if !matches!(e, Error::NoMetadataSnap) {
+                st.poisoned = Some(e.to_string());
+            }
+            return Err(e);
+        }
+        self.commit_locked(&mut st)
+    }
+
+    /// Grow the data device to `bytes` (whole blocks) and commit.
+    pub fn grow_data(&self, bytes: u64) -> Result<()> {
+        let bs = self.inner.block_bytes;
+        let nr = bytes / bs;
+        let mut st = self.state()?;
+        if nr < st.md.nr_data_blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot shrink the data device ({} blocks) to {nr} blocks",
+                st.md.nr_data_blocks()
+            )));
+        }
+        self.inner
+            .data
+            .grow(nr * bs)
+            .map_err(io_err("growing the data device"))?;
+        st.md.extend_data(nr)?;
+        self.commit_locked(&mut st)
+    }
+
+    /// Grow the metadata space map after the metadata device was enlarged.
+    pub fn grow_metadata(&self, bytes: u64) -> Result<()> {
+        let mut st = self.state()?;
+        st.md
+            .tm
+            .store
+            .grow(bytes)
+            .map_err(io_err("growing the metadata device"))?;
+        st.md.extend_metadata()?;
+        self.commit_locked(&mut st)
+    }
+
+    pub fn status(&self) -> Result<PoolStatus> {
+        let st = self.state()?;
+        let (mu, mt) = st.md.metadata_blocks();
+        Ok(PoolStatus {
+            data_block_size: self.inner.block_bytes,
+            data_blocks_total: st.md.nr_data_blocks(),
+            data_blocks_used: st.md.data_blocks_used(),
+            metadata_blocks_total: mt,
+            metadata_blocks_used: mu,
+            transaction_id: st.md.sb.trans_id,
+            time: st.md.sb.time,
+            held_metadata_root: (st.md.sb.held_root.0 != 0).then_some(st.md.sb.held_root),
+            devices: st.md.details.len(),
+            needs_check: st.md.sb.needs_check(),
+        })
+    }
+
+    /// Commit and stop the background committer.
+    pub fn close(self) -> Result<()> {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.inner.committer.lock().take() {
+            let _ = h.join();
+        }
+        self.commit()
+    }
+
+    pub(crate) fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+        let mut st = self.state()?;
+        f(&mut st.md)
+    }
+
+    pub(crate) fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.data
+    }
+}
+
+fn committer(weak: Weak<Inner>, tick: Duration) {
+    loop {
+        std::thread::sleep(tick);
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let pool = Pool { inner };
+        let due = {
+            let st = pool.inner.state.lock();
+            st.poisoned.is_none()
+                && st
+                    .first_dirty
+                    .is_some_and(|t| t.elapsed() >= pool.inner.commit_interval)
+        };
+        if due {
+            let _ = pool.commit();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        if st.poisoned.is_none() && st.md.changed {
+            let _ = st.md.commit(&*self.data);
+        }
+    }
+}
