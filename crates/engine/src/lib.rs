@@ -21,3 +21,8 @@ pub use pool::{
     default_metadata_size, DeviceInfo, OpenOptions, Pool, PoolConfig, PoolStatus, DATA_FILE,
     METADATA_FILE,
 };
+mod check;
+mod delta;
+
+pub use check::{CheckReport, Problem};
+pub use delta::{runs as delta_runs, BlockDelta, DeltaKind, DeltaRun, DeltaStats};

@@ -745,3 +745,35 @@ impl Drop for Inner {
         }
     }
 }
+
+impl Pool {
+    /// Per-block differences between two devices, from metadata alone. Shared subtrees
+    /// are skipped unread; `include_same` also lists identically mapped blocks (which
+    /// requires reading them).
+    pub fn delta(
+        &self,
+        left: ThinId,
+        right: ThinId,
+        include_same: bool,
+    ) -> Result<(Vec<crate::BlockDelta>, crate::DeltaStats)> {
+        let mut st = self.state()?;
+        let l = st.md.device_root(left)?;
+        let r = st.md.device_root(right)?;
+        crate::delta::delta(&mut st.md.tm, l, r, include_same)
+    }
+
+    /// Commit, then verify every tree and both space maps like `thin_check`.
+    pub fn check(&self) -> Result<crate::CheckReport> {
+        let mut st = self.state()?;
+        self.commit_locked(&mut st)?;
+        crate::check::check(&mut st.md)
+    }
+
+    /// Read from the data device directly (replication and tests).
+    pub fn read_data_block(&self, b: DataBlock, buf: &mut [u8]) -> Result<()> {
+        self.inner
+            .data
+            .read_at(buf, b.0 * self.inner.block_bytes)
+            .map_err(io_err(format!("data block {}", b.0)))
+    }
+}
