@@ -1,0 +1,8 @@
+//! Operations built on the engine that front ends share: copying images into and out of
+//! thin devices (sparse-aware), and the end-to-end demo scenario.
+
+pub mod copy;
+pub mod demo;
+pub mod progress;
+
+pub use progress::{NoProgress, Progress};
