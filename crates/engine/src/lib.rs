@@ -26,3 +26,5 @@ mod delta;
 
 pub use check::{CheckReport, Problem};
 pub use delta::{runs as delta_runs, BlockDelta, DeltaKind, DeltaRun, DeltaStats};
+#[doc(hidden)]
+pub mod fuzz_support;

@@ -24,7 +24,7 @@ use thinvol_format::{DataBlock, MetaBlock, ThinId, VBlock, MAX_TIME, METADATA_BL
 
 use crate::btree;
 use crate::error::{io_err, Error, Result, SpaceKind};
-use crate::space_map::{SpaceMap, BLOCKS_PER_CHUNK};
+use crate::space_map::SpaceMap;
 use crate::storage::Storage;
 use crate::tm::{load_chunk, pack_metadata_index, DataChunks, NoRc, Tm, ValueOps};
 
@@ -808,15 +808,7 @@ impl Metadata {
         self.dsm.nr_allocated
     }
 
-    pub fn data_blocks_free(&self) -> u64 {
-        self.dsm.nr_blocks - self.dsm.nr_allocated
-    }
-
     pub fn metadata_blocks(&self) -> (u64, u64) {
         (self.tm.msm.nr_allocated, self.tm.msm.nr_blocks)
-    }
-
-    pub fn blocks_per_chunk() -> u64 {
-        BLOCKS_PER_CHUNK
     }
 }

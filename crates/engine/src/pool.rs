@@ -341,7 +341,7 @@ impl Pool {
         origins.dedup();
         let locks: Vec<_> = origins.iter().map(|&o| self.dev_lock(ThinId(o))).collect();
         let _guards: Vec<_> = locks.iter().map(|l| l.write()).collect();
-        let mut st = self.state()?;
+        let st = self.state()?;
         // Commit first so that a failure half-way can be undone by reopening... no: check
         // everything up front so the transaction never half-applies.
         for (i, (id, origin)) in pairs.iter().enumerate() {
@@ -482,7 +482,7 @@ impl Pool {
         for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
             let seg = &buf[done..done + n as usize];
             done += n as usize;
-            self.write_block(id, vb, off, Some(seg))?;
+            self.write_block(id, vb, off, n, Some(seg))?;
         }
         Ok(())
     }
@@ -518,16 +518,22 @@ impl Pool {
                     self.commit_locked(&mut st)?;
                 }
             } else {
-                self.write_block(id, vb, off, None)?;
+                self.write_block(id, vb, off, n, None)?;
             }
         }
         Ok(())
     }
 
-    /// Write one segment within block `vb` (`data` None = zeros).
-    fn write_block(&self, id: ThinId, vb: u64, off: u64, data: Option<&[u8]>) -> Result<()> {
+    /// Write the `n` bytes at `off` within block `vb` (`data` None = zeros).
+    fn write_block(
+        &self,
+        id: ThinId,
+        vb: u64,
+        off: u64,
+        n: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         let bs = self.inner.block_bytes;
-        let n = data.map_or(bs - off, |d| d.len() as u64);
         let _s = self.stripe(id, vb).write();
         let m = self.state()?.md.lookup_for_write(id, VBlock(vb))?;
         let io = &self.inner.data;
@@ -704,15 +710,6 @@ impl Pool {
             let _ = h.join();
         }
         self.commit()
-    }
-
-    pub(crate) fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
-        let mut st = self.state()?;
-        f(&mut st.md)
-    }
-
-    pub(crate) fn data_storage(&self) -> &Arc<dyn Storage> {
-        &self.inner.data
     }
 }
 

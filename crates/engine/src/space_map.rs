@@ -124,16 +124,8 @@ impl SpaceMap {
         }
     }
 
-    pub fn nr_chunks(&self) -> usize {
-        self.entries.len()
-    }
-
     pub fn set_chunk(&mut self, i: usize, counts: Vec<u32>) {
         self.chunks[i] = Some(counts.into_boxed_slice());
-    }
-
-    pub fn chunk_loaded(&self, i: usize) -> bool {
-        self.chunks[i].is_some()
     }
 
     fn check_range(&self, b: u64) -> Result<()> {
@@ -288,10 +280,6 @@ impl SpaceMap {
         self.reserved.remove(&b);
     }
 
-    pub fn nr_reserved(&self) -> u64 {
-        self.reserved.len() as u64
-    }
-
     /// Free blocks that may be allocated in this transaction (excludes blocks freed
     /// since the last commit and reservations).
     pub fn nr_free_now(&self) -> u64 {
@@ -339,10 +327,6 @@ impl SpaceMap {
         self.chunks[i].as_deref()
     }
 
-    pub fn has_changes(&self) -> bool {
-        !self.orig.is_empty() || !self.dirty_chunks.is_empty()
-    }
-
     /// Forget transaction state after a successful commit.
     pub fn committed(&mut self) {
         self.orig.clear();
@@ -361,17 +345,8 @@ impl SpaceMap {
         self.nr_blocks = nr_blocks;
         self.push_zero_chunks(need.saturating_sub(have));
     }
-
-    /// Mark every loaded chunk's counts as coming straight from disk for checking.
-    pub fn loaded_chunks(&self) -> impl Iterator<Item = (usize, &[u32])> {
-        self.chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_deref().map(|c| (i, c)))
-    }
 }
 
-pub(crate) const BLOCKS_PER_CHUNK: u64 = CHUNK;
 
 #[cfg(test)]
 mod tests {

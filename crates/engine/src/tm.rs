@@ -82,10 +82,6 @@ impl Tm {
         }
     }
 
-    pub fn nr_blocks(&self) -> u64 {
-        self.msm.nr_blocks
-    }
-
     /// Read a raw committed block, checking the location is inside the device.
     pub fn read_raw(&self, b: MetaBlock) -> Result<Box<Block>> {
         if b.0 >= self.msm.nr_blocks.max(1) {
@@ -274,11 +270,6 @@ impl Tm {
                 }
             }
         }
-    }
-
-    /// Drop cached nodes (tests, and after external modification).
-    pub fn clear_cache(&mut self) {
-        self.cache.clear();
     }
 }
 

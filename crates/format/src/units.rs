@@ -89,7 +89,7 @@ impl DataBlockSize {
     }
 
     pub fn from_bytes(b: u64) -> Option<Self> {
-        if b % 512 != 0 {
+        if !b.is_multiple_of(512) {
             return None;
         }
         u32::try_from(b / 512).ok().and_then(Self::from_sectors)

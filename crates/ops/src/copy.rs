@@ -93,7 +93,7 @@ pub fn file_into_device(
     // Blocks entirely inside holes: make sure the device has nothing there.
     let mut covered = 0u64;
     let mut buf = vec![0u8; bs as usize];
-    let mut clear = |from: u64, to: u64, stats: &mut CopyStats| -> Result<(), CopyError> {
+    let clear = |from: u64, to: u64, stats: &mut CopyStats| -> Result<(), CopyError> {
         if to > from {
             pool.discard(id, from, to - from)?;
             stats.bytes_skipped += to - from;
