@@ -2,7 +2,9 @@
 //!
 //! Into a device: holes in the source (SEEK_DATA/SEEK_HOLE) and all-zero blocks are not
 //! stored; where the device already maps such a block it is discarded, so the device
-//! ends up byte-identical to the file. Out of a device: only mapped blocks are read;
+//! ends up byte-identical to the file. Blocks whose bytes already match the device are
+//! not rewritten, so blocks shared with snapshots stay shared (only what differs costs
+//! space). Out of a device: only mapped blocks are read;
 //! a regular-file target is made sparse (holes are not written).
 
 use std::fs::File;
@@ -44,6 +46,8 @@ pub struct CopyStats {
     pub bytes_written: u64,
     /// Bytes skipped as holes or zeros.
     pub bytes_skipped: u64,
+    /// Bytes already equal on the device (not rewritten, so still shared with snapshots).
+    pub bytes_unchanged: u64,
 }
 
 /// Data extents of a file: (offset, len) runs from SEEK_DATA/SEEK_HOLE, or the whole
@@ -93,6 +97,13 @@ pub fn file_into_device(
     // Blocks entirely inside holes: make sure the device has nothing there.
     let mut covered = 0u64;
     let mut buf = vec![0u8; bs as usize];
+    let mut cur = vec![0u8; bs as usize];
+    // Blocks the device maps now: only those can already hold equal bytes.
+    let mapped: std::collections::HashSet<u64> = pool
+        .mappings_range(id, 0, len.div_ceil(bs))?
+        .into_iter()
+        .map(|(v, _)| v.0)
+        .collect();
     let clear = |from: u64, to: u64, stats: &mut CopyStats| -> Result<(), CopyError> {
         if to > from {
             pool.discard(id, from, to - from)?;
@@ -113,12 +124,23 @@ pub fn file_into_device(
             let n = bs.min(len - pos.min(len)) as usize;
             let chunk = &mut buf[..n];
             f.read_exact_at(chunk, pos).map_err(ferr(path))?;
+            let is_mapped = mapped.contains(&(pos / bs));
             if chunk.iter().all(|&b| b == 0) {
-                pool.discard(id, pos, n as u64)?;
+                if is_mapped {
+                    pool.discard(id, pos, n as u64)?;
+                }
                 stats.bytes_skipped += n as u64;
             } else {
-                pool.write(id, pos, chunk)?;
-                stats.bytes_written += n as u64;
+                let same = is_mapped && {
+                    pool.read(id, pos, &mut cur[..n])?;
+                    cur[..n] == *chunk
+                };
+                if same {
+                    stats.bytes_unchanged += n as u64;
+                } else {
+                    pool.write(id, pos, chunk)?;
+                    stats.bytes_written += n as u64;
+                }
             }
             progress.advance(n as u64);
             pos += bs;
@@ -195,7 +217,7 @@ pub fn device_to_writer(
     Ok(CopyStats {
         bytes: len,
         bytes_written: len,
-        bytes_skipped: 0,
+        ..Default::default()
     })
 }
 
