@@ -51,6 +51,8 @@ pub enum Error {
     Unformatted,
     #[error("transaction id mismatch: expected {expected}, pool has {actual}")]
     TransactionIdMismatch { expected: u64, actual: u64 },
+    #[error("the pool is open read-only")]
+    ReadOnly,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// An earlier failure left in-memory state that must not be committed. The on-disk

@@ -114,6 +114,7 @@ pub fn run(input: &[u8]) -> Result<Outcome> {
     let data: Arc<dyn Storage> = Arc::new(MemStorage::new(data_len));
     let opts = OpenOptions {
         commit_interval: Duration::ZERO,
+        ..Default::default()
     };
     let pool = Pool::open_on(meta.clone(), data.clone(), &opts)?;
     let mut out = Outcome::default();

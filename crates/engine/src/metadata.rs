@@ -382,10 +382,19 @@ impl Metadata {
         match btree::lookup_u64_exclusive(&mut self.tm, root, vb.0)? {
             None => Ok(Mapped::Unmapped),
             Some((v, path_exclusive)) => {
-                let b = BlockTime::unpack(v).block;
+                let bt = BlockTime::unpack(v);
+                let b = bt.block;
                 let data_exclusive =
                     self.dsm.count(b.0, &mut DataChunks { tm: &mut self.tm })? == 1;
-                Ok(if path_exclusive && data_exclusive {
+                // Current counts alone are not enough: the last commit may still map
+                // the block elsewhere (a snapshot deleted since, or an origin whose
+                // tree a new snapshot took over), and an in-place write would change
+                // that committed device if we crash before the next commit. Like the
+                // kernel (`__snapshotted_since`), a block mapped before the device was
+                // last snapshotted is shared.
+                let snapshotted = self.details.get(&id.0).map_or(0, |d| d.snapshotted_time);
+                let fresh = bt.time >= snapshotted;
+                Ok(if path_exclusive && data_exclusive && fresh {
                     Mapped::Exclusive(b)
                 } else {
                     Mapped::Shared(b)
@@ -396,7 +405,23 @@ impl Metadata {
 
     pub fn lookup(&mut self, id: ThinId, vb: VBlock) -> Result<Option<BlockTime>> {
         let root = self.bottom_root(id)?;
-        Ok(btree::lookup(&mut self.tm, root, 8, vb.0)?.map(|v| BlockTime::unpack(u64_of(&v))))
+        let Some(v) = btree::lookup(&mut self.tm, root, 8, vb.0)? else {
+            return Ok(None);
+        };
+        let bt = BlockTime::unpack(u64_of(&v));
+        // Never hand out a block outside the data device (a read would fail, overflow
+        // the byte offset, or return bytes that are not the pool's).
+        if bt.block.0 >= self.dsm.nr_blocks {
+            return Err(Error::Inconsistent {
+                block: root,
+                reason: format!(
+                    "thin device {id} maps virtual block {vb} to data block {}, beyond the \
+                     data device ({} blocks)",
+                    bt.block.0, self.dsm.nr_blocks
+                ),
+            });
+        }
+        Ok(Some(bt))
     }
 
     /// Map `vb` to `block` (whose count the caller has NOT yet taken; this takes it).

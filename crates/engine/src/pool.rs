@@ -107,6 +107,7 @@ struct Inner {
     stop: AtomicBool,
     committer: Mutex<Option<JoinHandle<()>>>,
     commit_interval: Duration,
+    read_only: bool,
     dir: Option<PathBuf>,
 }
 
@@ -128,12 +129,16 @@ impl std::fmt::Debug for Pool {
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub commit_interval: Duration,
+    /// Open without ever writing: mutations fail with `Error::ReadOnly`, nothing is
+    /// committed, the files are opened read-only.
+    pub read_only: bool,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             commit_interval: Duration::from_secs(1),
+            read_only: false,
         }
     }
 }
@@ -206,7 +211,7 @@ impl Pool {
     ) -> Result<Pool> {
         let nr_blocks = data.len().map_err(io_err("data device"))? / block.bytes();
         let md = Metadata::format(meta, &*data, block.sectors(), nr_blocks)?;
-        Ok(Self::start(md, data, commit_interval, dir))
+        Ok(Self::start(md, data, commit_interval, false, dir))
     }
 
     /// Open a pool on arbitrary storage.
@@ -225,20 +230,37 @@ impl Pool {
         dir: Option<&Path>,
     ) -> Result<Pool> {
         let md = Metadata::open(meta)?;
-        let need = md.nr_data_blocks() * md.data_block_bytes;
+        let need = md
+            .nr_data_blocks()
+            .checked_mul(md.data_block_bytes)
+            .ok_or_else(|| Error::Inconsistent {
+                block: MetaBlock(0),
+                reason: format!(
+                    "data space map of {} blocks of {} bytes exceeds 2^64 bytes",
+                    md.nr_data_blocks(),
+                    md.data_block_bytes
+                ),
+            })?;
         let have = data.len().map_err(io_err("data device"))?;
         if have < need {
             return Err(Error::InvalidArgument(format!(
                 "data device is {have} bytes but the pool's metadata describes {need} bytes"
             )));
         }
-        Ok(Self::start(md, data, opts.commit_interval, dir))
+        Ok(Self::start(
+            md,
+            data,
+            opts.commit_interval,
+            opts.read_only,
+            dir,
+        ))
     }
 
     fn start(
         md: Metadata,
         data: Arc<dyn Storage>,
         commit_interval: Duration,
+        read_only: bool,
         dir: Option<&Path>,
     ) -> Pool {
         let block_bytes = md.data_block_bytes;
@@ -255,9 +277,10 @@ impl Pool {
             stop: AtomicBool::new(false),
             committer: Mutex::new(None),
             commit_interval,
+            read_only,
             dir: dir.map(Path::to_path_buf),
         });
-        if !commit_interval.is_zero() {
+        if !commit_interval.is_zero() && !read_only {
             let weak = Arc::downgrade(&inner);
             let tick = (commit_interval / 10).max(Duration::from_millis(10));
             let h = std::thread::Builder::new()
@@ -278,6 +301,17 @@ impl Pool {
         self.inner.block_bytes
     }
 
+    fn writable_state(&self) -> Result<MutexGuard<'_, State>> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.state()
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
     fn state(&self) -> Result<MutexGuard<'_, State>> {
         let st = self.inner.state.lock();
         if let Some(p) = &st.poisoned {
@@ -289,7 +323,7 @@ impl Pool {
     /// Run a metadata mutation; failures that may have left partial in-memory state
     /// poison the pool (the device still holds the last commit).
     fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
-        let mut st = self.state()?;
+        let mut st = self.writable_state()?;
         let r = f(&mut st.md);
         match &r {
             Ok(_) => {
@@ -475,6 +509,9 @@ impl Pool {
 
     /// Write `buf` at byte `offset`. Durable after the next `flush`.
     pub fn write(&self, id: ThinId, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
         let l = self.dev_lock(id);
         let _g = l.read();
         self.check_device(id)?;
@@ -496,6 +533,9 @@ impl Pool {
     /// device references them; partial blocks at the edges are zeroed, so the range
     /// always reads back as zeros.
     pub fn discard(&self, id: ThinId, offset: u64, len: u64) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
         let l = self.dev_lock(id);
         let _g = l.read();
         self.check_device(id)?;
@@ -535,7 +575,7 @@ impl Pool {
     ) -> Result<()> {
         let bs = self.inner.block_bytes;
         let _s = self.stripe(id, vb).write();
-        let m = self.state()?.md.lookup_for_write(id, VBlock(vb))?;
+        let m = self.writable_state()?.md.lookup_for_write(id, VBlock(vb))?;
         let io = &self.inner.data;
         match (m, data) {
             (Mapped::Exclusive(b), Some(d)) => {
@@ -584,6 +624,9 @@ impl Pool {
 
     /// Commit: everything written before this call is durable when it returns.
     pub fn commit(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
         let mut st = self.state()?;
         self.commit_locked(&mut st)
     }
@@ -633,7 +676,7 @@ impl Pool {
 
     /// Take the pool's single metadata snapshot (commits before and after).
     pub fn reserve_metadata_snap(&self) -> Result<MetaBlock> {
-        let mut st = self.state()?;
+        let mut st = self.writable_state()?;
         self.commit_locked(&mut st)?;
         let b = st.md.reserve_metadata_snap();
         if b.is_err() && st.md.tm.alloc_failed {
@@ -645,7 +688,7 @@ impl Pool {
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
-        let mut st = self.state()?;
+        let mut st = self.writable_state()?;
         if let Err(e) = st.md.release_metadata_snap() {
             if !matches!(e, Error::NoMetadataSnap) {
                 st.poisoned = Some(e.to_string());
@@ -659,7 +702,7 @@ impl Pool {
     pub fn grow_data(&self, bytes: u64) -> Result<()> {
         let bs = self.inner.block_bytes;
         let nr = bytes / bs;
-        let mut st = self.state()?;
+        let mut st = self.writable_state()?;
         if nr < st.md.nr_data_blocks() {
             return Err(Error::InvalidArgument(format!(
                 "cannot shrink the data device ({} blocks) to {nr} blocks",
@@ -676,7 +719,7 @@ impl Pool {
 
     /// Grow the metadata space map after the metadata device was enlarged.
     pub fn grow_metadata(&self, bytes: u64) -> Result<()> {
-        let mut st = self.state()?;
+        let mut st = self.writable_state()?;
         st.md
             .tm
             .store
@@ -737,7 +780,7 @@ fn committer(weak: Weak<Inner>, tick: Duration) {
 impl Drop for Inner {
     fn drop(&mut self) {
         let st = self.state.get_mut();
-        if st.poisoned.is_none() && st.md.changed {
+        if !self.read_only && st.poisoned.is_none() && st.md.changed {
             let _ = st.md.commit(&*self.data);
         }
     }
@@ -762,7 +805,11 @@ impl Pool {
     /// Commit, then verify every tree and both space maps like `thin_check`.
     pub fn check(&self) -> Result<crate::CheckReport> {
         let mut st = self.state()?;
-        self.commit_locked(&mut st)?;
+        if !self.inner.read_only {
+            self.commit_locked(&mut st)?;
+        } else if st.md.changed {
+            return Err(Error::ReadOnly);
+        }
         crate::check::check(&mut st.md)
     }
 

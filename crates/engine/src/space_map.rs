@@ -347,7 +347,6 @@ impl SpaceMap {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
