@@ -11,6 +11,7 @@
 //! number of pointers to it, shadowing a shared node increments its children, and a
 //! leaf value's references are managed through [`ValueOps`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use thinvol_format::btree_node::Node;
@@ -95,9 +96,13 @@ pub(crate) fn walk_range(
     hi: u64,
     f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    walk_rec(tm, root, vs, lo, hi, f, 0)
+    walk_rec(tm, root, vs, lo, hi, f, 0, &mut HashSet::new())
 }
 
+/// `seen`: nodes already visited in this walk. Within one tree every node has exactly
+/// one parent pointer, so a second visit means corrupt metadata; without this check a
+/// chain of nodes whose children repeat would cost 2^depth visits.
+#[allow(clippy::too_many_arguments)]
 fn walk_rec(
     tm: &mut Tm,
     b: MetaBlock,
@@ -106,9 +111,16 @@ fn walk_rec(
     hi: u64,
     f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     depth: usize,
+    seen: &mut HashSet<u64>,
 ) -> Result<()> {
     if depth >= MAX_DEPTH {
         return Err(too_deep(b));
+    }
+    if !seen.insert(b.0) {
+        return Err(Error::Inconsistent {
+            block: b,
+            reason: "node reached twice in one tree (a cycle or a shared child)".into(),
+        });
     }
     let n = tm.read_node(b, vs)?;
     if n.is_leaf() {
@@ -129,7 +141,7 @@ fn walk_rec(
         if n.keys[i] >= hi {
             break;
         }
-        walk_rec(tm, n.child(i), vs, lo, hi, f, depth + 1)?;
+        walk_rec(tm, n.child(i), vs, lo, hi, f, depth + 1, seen)?;
     }
     Ok(())
 }

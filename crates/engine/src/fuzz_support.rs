@@ -11,6 +11,7 @@
 //! | bit 1 | pad the image with zeros up to the size its superblock claims |
 //! | bits 2-3 | data device size: 4 MiB, 1 MiB, 16 MiB, 0 bytes |
 //! | bit 4 | after the reads, write to the first device, commit and check again |
+//! | bit 5 | open read-only (`OpenOptions::read_only`) |
 //!
 //! The image is cut to a multiple of 4 KiB and to at most [`MAX_IMAGE`]. Whatever the
 //! input, every call must return (Ok or a typed error): no panic, no hang, bounded
@@ -34,6 +35,8 @@ pub const RESEAL: u8 = 1;
 pub const PAD: u8 = 2;
 /// Bit 4: write after reading.
 pub const WRITE: u8 = 16;
+/// Bit 5: open read-only.
+pub const READ_ONLY: u8 = 32;
 
 /// What one run saw (for the seed test; the fuzzer ignores it).
 #[derive(Debug, Default, Clone)]
@@ -114,7 +117,7 @@ pub fn run(input: &[u8]) -> Result<Outcome> {
     let data: Arc<dyn Storage> = Arc::new(MemStorage::new(data_len));
     let opts = OpenOptions {
         commit_interval: Duration::ZERO,
-        ..Default::default()
+        read_only: ctl & READ_ONLY != 0,
     };
     let pool = Pool::open_on(meta.clone(), data.clone(), &opts)?;
     let mut out = Outcome::default();

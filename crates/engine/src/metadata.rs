@@ -175,6 +175,25 @@ impl Metadata {
                 ),
             });
         }
+        if sb.time > MAX_TIME {
+            // Mappings hold 24 bits of time (block_time); a larger clock cannot be
+            // stored and would corrupt the data block bits of new mappings.
+            return Err(Error::Inconsistent {
+                block: MetaBlock(0),
+                reason: format!("pool time {} does not fit in 24 bits", sb.time),
+            });
+        }
+        for (what, r) in [("metadata", &mroot), ("data", &sb.data_sm_root)] {
+            if r.nr_allocated > r.nr_blocks {
+                return Err(Error::Inconsistent {
+                    block: MetaBlock(0),
+                    reason: format!(
+                        "{what} space map has {} of its {} blocks allocated",
+                        r.nr_allocated, r.nr_blocks
+                    ),
+                });
+            }
+        }
         let nr_bitmaps = mroot.nr_blocks.div_ceil(ENTRIES_PER_BITMAP) as usize;
         // Read the index block before the space map exists: bound the location by hand.
         if mroot.bitmap_root >= mroot.nr_blocks || mroot.bitmap_root == 0 {
@@ -203,6 +222,7 @@ impl Metadata {
             let counts = load_chunk(&mut tm, i, e, MetaBlock(mroot.ref_count_root))?;
             tm.msm.set_chunk(i, counts);
         }
+        tm.msm.recount_allocated();
         // Data space map: index btree keyed 0..n.
         let droot = sb.data_sm_root;
         let dentries = btree::collect(&mut tm, MetaBlock(droot.bitmap_root), 16)?;
@@ -313,6 +333,17 @@ impl Metadata {
     /// O(1) snapshot: the new device shares the origin's whole mapping tree
     /// (`__create_snap`).
     pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        self.create_snap_inner(id, origin, true)
+    }
+
+    /// One snapshot of a multi-snapshot batch whose caller checked the metadata reserve
+    /// once for the whole batch: the reserve covers the batch's allocations, so it
+    /// cannot stop half-way with `NoSpace(Metadata)` and leave some snapshots behind.
+    pub fn create_snap_in_batch(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        self.create_snap_inner(id, origin, false)
+    }
+
+    fn create_snap_inner(&mut self, id: ThinId, origin: ThinId, check_space: bool) -> Result<()> {
         Self::check_id(id)?;
         if self.exists(id) {
             return Err(Error::DeviceExists(id));
@@ -325,7 +356,9 @@ impl Metadata {
                 "the pool's snapshot clock is exhausted (2^24 snapshots)".into(),
             ));
         }
-        self.ensure_metadata_space()?;
+        if check_space {
+            self.ensure_metadata_space()?;
+        }
         let root = self.bottom_root(origin)?;
         self.tm.inc(root)?;
         let (nr, _) = btree::insert(
@@ -378,10 +411,18 @@ impl Metadata {
 
     /// Where `vblock` of `id` lives, and whether writing it in place is safe.
     pub fn lookup_for_write(&mut self, id: ThinId, vb: VBlock) -> Result<Mapped> {
-        let root = self.bottom_root(id)?;
+        // The top-level path counts too: while a metadata snapshot is held it shares the
+        // top-level tree, and every block it can see is written by copy, never in place
+        // (deterministic, unlike a check of the bottom tree alone).
+        let (root, top_exclusive) =
+            match btree::lookup_u64_exclusive(&mut self.tm, self.sb.data_mapping_root, id.0)? {
+                Some((r, e)) => (MetaBlock(r), e),
+                None => return Err(Error::NoSuchDevice(id)),
+            };
         match btree::lookup_u64_exclusive(&mut self.tm, root, vb.0)? {
             None => Ok(Mapped::Unmapped),
-            Some((v, path_exclusive)) => {
+            Some((v, bottom_exclusive)) => {
+                let path_exclusive = top_exclusive && bottom_exclusive;
                 let bt = BlockTime::unpack(v);
                 let b = bt.block;
                 let data_exclusive =
@@ -599,6 +640,10 @@ impl Metadata {
             ));
         }
         if nr_blocks > self.dsm.nr_blocks {
+            // Load the last bitmap so that `extend` can recount its free entries.
+            if let Some(last) = self.dsm.nr_blocks.checked_sub(1) {
+                self.dsm.count(last, &mut DataChunks { tm: &mut self.tm })?;
+            }
             self.dsm.extend(nr_blocks);
             self.changed = true;
         }

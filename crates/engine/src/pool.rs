@@ -375,24 +375,29 @@ impl Pool {
         origins.dedup();
         let locks: Vec<_> = origins.iter().map(|&o| self.dev_lock(ThinId(o))).collect();
         let _guards: Vec<_> = locks.iter().map(|l| l.write()).collect();
-        let st = self.state()?;
-        // Commit first so that a failure half-way can be undone by reopening... no: check
-        // everything up front so the transaction never half-applies.
-        for (i, (id, origin)) in pairs.iter().enumerate() {
-            if !id.is_valid() {
-                return Err(Error::BadDeviceId(*id));
-            }
-            if st.md.exists(*id) || pairs[..i].iter().any(|p| p.0 == *id) {
-                return Err(Error::DeviceExists(*id));
-            }
-            if !st.md.exists(*origin) {
-                return Err(Error::NoSuchDevice(*origin));
-            }
-        }
-        drop(st);
+        // Validate everything and check the metadata reserve once, up front, so the
+        // batch never half-applies (a later pair failing with NoSpace(Metadata) would
+        // otherwise leave the earlier snapshots in the transaction).
         self.mutate(|md| {
+            for (i, (id, origin)) in pairs.iter().enumerate() {
+                if !id.is_valid() {
+                    return Err(Error::BadDeviceId(*id));
+                }
+                if md.exists(*id) || pairs[..i].iter().any(|p| p.0 == *id) {
+                    return Err(Error::DeviceExists(*id));
+                }
+                if !md.exists(*origin) {
+                    return Err(Error::NoSuchDevice(*origin));
+                }
+            }
+            if u64::from(md.sb.time) + pairs.len() as u64 > u64::from(thinvol_format::MAX_TIME) {
+                return Err(Error::InvalidArgument(
+                    "the pool's snapshot clock is exhausted (2^24 snapshots)".into(),
+                ));
+            }
+            md.ensure_metadata_space()?;
             for (id, origin) in pairs {
-                md.create_snap(*id, *origin)?;
+                md.create_snap_in_batch(*id, *origin)?;
             }
             Ok(())
         })
@@ -594,8 +599,21 @@ impl Pool {
         }
         let nb = {
             let mut st = self.state()?;
-            st.md.ensure_metadata_space()?;
-            st.md.reserve_data_block()?
+            let mut r = st
+                .md
+                .ensure_metadata_space()
+                .and_then(|_| st.md.reserve_data_block());
+            // Blocks freed since the last commit (discards, deletes, copy-on-write) can
+            // be reused only once that commit is durable: when out of space, commit and
+            // try once more before failing, like the kernel's `alloc_data_block`.
+            if matches!(r, Err(Error::NoSpace(_))) && st.md.changed {
+                self.commit_locked(&mut st)?;
+                r = st
+                    .md
+                    .ensure_metadata_space()
+                    .and_then(|_| st.md.reserve_data_block());
+            }
+            r?
         };
         let r = (|| {
             if off == 0 && n == bs {

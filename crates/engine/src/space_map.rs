@@ -124,6 +124,17 @@ impl SpaceMap {
         }
     }
 
+    /// Recount `nr_allocated` from the chunks, all of which must be resident (the
+    /// metadata space map): thin_restore 0.9.0 writes a value one too high.
+    pub fn recount_allocated(&mut self) {
+        self.nr_allocated = self
+            .chunks
+            .iter()
+            .flatten()
+            .map(|c| c.iter().filter(|&&n| n > 0).count() as u64)
+            .sum();
+    }
+
     pub fn set_chunk(&mut self, i: usize, counts: Vec<u32>) {
         self.chunks[i] = Some(counts.into_boxed_slice());
     }
@@ -179,7 +190,8 @@ impl SpaceMap {
                 e.none_free_before += 1;
             }
         } else if old > 0 && new == 0 {
-            self.nr_allocated -= 1;
+            // Saturating: a corrupt on-disk nr_allocated must not panic.
+            self.nr_allocated = self.nr_allocated.saturating_sub(1);
             e.nr_free += 1;
             e.none_free_before = e.none_free_before.min(off as u32);
         }
@@ -288,7 +300,8 @@ impl SpaceMap {
             .iter()
             .filter(|(b, o)| **o > 0 && self.count_resident_or(**b, 1) == 0)
             .count() as u64;
-        (self.nr_blocks - self.nr_allocated)
+        self.nr_blocks
+            .saturating_sub(self.nr_allocated)
             .saturating_sub(quarantined + self.reserved.len() as u64)
     }
 
@@ -339,6 +352,23 @@ impl SpaceMap {
     pub fn extend(&mut self, nr_blocks: u64) {
         if nr_blocks <= self.nr_blocks {
             return;
+        }
+        // The old last bitmap may be partial, and writers disagree on its nr_free: the
+        // kernel (and we) count the entries past the end as free, thin_restore and
+        // thin_repair count only real blocks. With the latter, blocks added to that
+        // bitmap would be skipped as soon as nr_free reached 0. Recount it (kernel
+        // convention) when resident; otherwise credit the added blocks, an upper bound
+        // being harmless since nr_free only lets `find_free` skip full bitmaps.
+        if let Some(last) = self.entries.len().checked_sub(1) {
+            let base = last as u64 * CHUNK;
+            let added = nr_blocks.min(base + CHUNK) - self.nr_blocks.min(base + CHUNK);
+            if added > 0 {
+                let free = match self.chunks[last].as_deref() {
+                    Some(c) => c.iter().filter(|&&n| n == 0).count() as u32,
+                    None => (self.entries[last].nr_free + added as u32).min(CHUNK as u32),
+                };
+                self.entries[last].nr_free = free;
+            }
         }
         let have = self.entries.len();
         let need = nr_blocks.div_ceil(CHUNK) as usize;
