@@ -62,6 +62,25 @@ pub(crate) fn lookup(tm: &mut Tm, root: MetaBlock, vs: u32, key: u64) -> Result<
     Err(too_deep(root))
 }
 
+/// Look up `key` in a tree of 8-byte values, without copying the value out.
+pub(crate) fn lookup_u64(tm: &mut Tm, root: MetaBlock, key: u64) -> Result<Option<u64>> {
+    let mut b = root;
+    for _ in 0..MAX_DEPTH {
+        let n = tm.read_node(b, 8)?;
+        if n.is_leaf() {
+            return Ok(n.find(key).map(|i| n.value_u64(i)));
+        }
+        if n.is_empty() {
+            return Err(empty_internal(b));
+        }
+        match n.lower_bound(key) {
+            Some(i) => b = n.child(i),
+            None => return Ok(None),
+        }
+    }
+    Err(too_deep(root))
+}
+
 /// Look up a u64 value and report whether every node on the path has count 1.
 pub(crate) fn lookup_u64_exclusive(
     tm: &mut Tm,

@@ -8,7 +8,10 @@
 //! in key order; the walk expands nodes only where the blocks differ. Cost grows with
 //! the nodes on changed paths, not with the mapped size (dmthin-format.md §9).
 
+use std::sync::Arc;
+
 use thinvol_format::block_time::BlockTime;
+use thinvol_format::btree_node::Node;
 use thinvol_format::{DataBlock, MetaBlock};
 
 use crate::btree::MAX_DEPTH;
@@ -104,6 +107,13 @@ impl Walker<'_> {
         hi: u64,
         depth: usize,
     ) -> Result<()> {
+        let n = self.read(b, depth)?;
+        push_contents(stack, &n, lo, hi, depth);
+        Ok(())
+    }
+
+    /// Read a node of the walk (counted in the statistics).
+    fn read(&mut self, b: MetaBlock, depth: usize) -> Result<Arc<Node>> {
         if depth >= MAX_DEPTH {
             return Err(Error::Inconsistent {
                 block: b,
@@ -112,31 +122,7 @@ impl Walker<'_> {
         }
         let n = self.tm.read_node(b, 8)?;
         self.stats.nodes_read += 1;
-        if n.is_leaf() {
-            for i in (0..n.len()).rev() {
-                let k = n.keys[i];
-                if k >= lo && k < hi {
-                    stack.push(Item::Entry {
-                        key: k,
-                        block: BlockTime::unpack(n.value_u64(i)).block,
-                    });
-                }
-            }
-        } else {
-            for i in (0..n.len()).rev() {
-                let clo = n.keys[i].max(lo);
-                let chi = n.keys.get(i + 1).copied().unwrap_or(u64::MAX).min(hi);
-                if clo < chi {
-                    stack.push(Item::Node {
-                        b: n.child(i),
-                        lo: clo,
-                        hi: chi,
-                        depth: depth + 1,
-                    });
-                }
-            }
-        }
-        Ok(())
+        Ok(n)
     }
 
     fn expand_top(&mut self, stack: &mut Vec<Item>) -> Result<()> {
@@ -168,6 +154,102 @@ impl Walker<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Push a node's entries (leaf) or children (internal) within [lo, hi) on `stack`, so
+/// that the smallest key ends on top.
+fn push_contents(stack: &mut Vec<Item>, n: &Node, lo: u64, hi: u64, depth: usize) {
+    if n.is_leaf() {
+        for i in (0..n.len()).rev() {
+            let k = n.keys[i];
+            if k >= lo && k < hi {
+                stack.push(Item::Entry {
+                    key: k,
+                    block: BlockTime::unpack(n.value_u64(i)).block,
+                });
+            }
+        }
+    } else {
+        for i in (0..n.len()).rev() {
+            let clo = n.keys[i].max(lo);
+            let chi = n.keys.get(i + 1).copied().unwrap_or(u64::MAX).min(hi);
+            if clo < chi {
+                stack.push(Item::Node {
+                    b: n.child(i),
+                    lo: clo,
+                    hi: chi,
+                    depth: depth + 1,
+                });
+            }
+        }
+    }
+}
+
+/// Merge two leaves that cover the same key range [lo, hi) of their trees: every key
+/// below `lo` is already done on both sides, so their entries in the range are all
+/// there is to compare there.
+fn merge_leaves(
+    na: &Node,
+    nb: &Node,
+    lo: u64,
+    hi: u64,
+    include_same: bool,
+    out: &mut Vec<BlockDelta>,
+) {
+    let mut i = na.keys.partition_point(|&k| k < lo);
+    let mut j = nb.keys.partition_point(|&k| k < lo);
+    let block = |n: &Node, i: usize| BlockTime::unpack(n.value_u64(i)).block;
+    loop {
+        let ka = na.keys.get(i).copied().filter(|&k| k < hi);
+        let kb = nb.keys.get(j).copied().filter(|&k| k < hi);
+        match (ka, kb) {
+            (None, None) => break,
+            (Some(x), None) => {
+                out.push(BlockDelta {
+                    vblock: x,
+                    left: Some(block(na, i)),
+                    right: None,
+                });
+                i += 1;
+            }
+            (None, Some(y)) => {
+                out.push(BlockDelta {
+                    vblock: y,
+                    left: None,
+                    right: Some(block(nb, j)),
+                });
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                out.push(BlockDelta {
+                    vblock: x,
+                    left: Some(block(na, i)),
+                    right: None,
+                });
+                i += 1;
+            }
+            (Some(x), Some(y)) if y < x => {
+                out.push(BlockDelta {
+                    vblock: y,
+                    left: None,
+                    right: Some(block(nb, j)),
+                });
+                j += 1;
+            }
+            (Some(x), Some(_)) => {
+                let (ba, bb) = (block(na, i), block(nb, j));
+                if ba != bb || include_same {
+                    out.push(BlockDelta {
+                        vblock: x,
+                        left: Some(ba),
+                        right: Some(bb),
+                    });
+                }
+                i += 1;
+                j += 1;
+            }
+        }
     }
 }
 
@@ -230,6 +312,34 @@ pub(crate) fn delta(
                     left: None,
                     right: Some(block),
                 });
+            }
+            (
+                Some(Item::Node {
+                    b: x,
+                    lo,
+                    hi,
+                    depth: da,
+                }),
+                Some(Item::Node {
+                    b: y,
+                    lo: blo,
+                    hi: bhi,
+                    depth: db,
+                }),
+            ) if lo == blo && hi == bhi => {
+                // Same key range on both sides (the usual case after copy-on-write
+                // changes): two leaves are merged directly instead of entry by entry
+                // through the stacks; anything else is expanded on both sides.
+                a.pop();
+                b.pop();
+                let na = w.read(x, da)?;
+                let nb = w.read(y, db)?;
+                if na.is_leaf() && nb.is_leaf() {
+                    merge_leaves(&na, &nb, lo, hi, include_same, &mut out);
+                } else {
+                    push_contents(&mut a, &na, lo, hi, da);
+                    push_contents(&mut b, &nb, lo, hi, db);
+                }
             }
             (Some(Item::Node { .. }), None) => w.expand_top(&mut a)?,
             (None, Some(Item::Node { .. })) => w.expand_top(&mut b)?,

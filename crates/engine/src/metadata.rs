@@ -291,8 +291,8 @@ impl Metadata {
     }
 
     fn bottom_root(&mut self, id: ThinId) -> Result<MetaBlock> {
-        match btree::lookup(&mut self.tm, self.sb.data_mapping_root, 8, id.0)? {
-            Some(v) => Ok(MetaBlock(u64_of(&v))),
+        match btree::lookup_u64(&mut self.tm, self.sb.data_mapping_root, id.0)? {
+            Some(v) => Ok(MetaBlock(v)),
             None => Err(Error::NoSuchDevice(id)),
         }
     }
@@ -446,10 +446,10 @@ impl Metadata {
 
     pub fn lookup(&mut self, id: ThinId, vb: VBlock) -> Result<Option<BlockTime>> {
         let root = self.bottom_root(id)?;
-        let Some(v) = btree::lookup(&mut self.tm, root, 8, vb.0)? else {
+        let Some(v) = btree::lookup_u64(&mut self.tm, root, vb.0)? else {
             return Ok(None);
         };
-        let bt = BlockTime::unpack(u64_of(&v));
+        let bt = BlockTime::unpack(v);
         // Never hand out a block outside the data device (a read would fail, overflow
         // the byte offset, or return bytes that are not the pool's).
         if bt.block.0 >= self.dsm.nr_blocks {

@@ -1,8 +1,9 @@
 //! The public pool: thin device management, byte-addressed data I/O and the commit
 //! schedule.
 //!
-//! Locking (outermost first): a per-device RwLock (I/O shares it; snapshot and delete
-//! take it exclusively, so a snapshot contains exactly the writes completed before it),
+//! Locking (outermost first): a pool-wide I/O gate (I/O shares it; snapshot and delete
+//! take it exclusively — both are O(1) — so a snapshot contains exactly the writes
+//! completed before it),
 //! a striped per-(device, virtual block) RwLock (a write or discard of a block excludes
 //! reads and other writes of that block, so two writers never both provision it and a
 //! read never sees a half-written block), then the metadata mutex, held only for
@@ -12,7 +13,6 @@
 //! provisioned block is written before the mapping is inserted, and every commit flushes
 //! the data device before it writes metadata.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -103,7 +103,8 @@ struct Inner {
     data: Arc<dyn Storage>,
     block_bytes: u64,
     stripes: Box<[RwLock<()>]>,
-    dev_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    /// I/O holds it shared; snapshot and delete take it exclusively (see module doc).
+    io_gate: RwLock<()>,
     stop: AtomicBool,
     committer: Mutex<Option<JoinHandle<()>>>,
     commit_interval: Duration,
@@ -273,7 +274,7 @@ impl Pool {
             data,
             block_bytes,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            dev_locks: Mutex::new(HashMap::new()),
+            io_gate: RwLock::new(()),
             stop: AtomicBool::new(false),
             committer: Mutex::new(None),
             commit_interval,
@@ -345,10 +346,6 @@ impl Pool {
         r
     }
 
-    fn dev_lock(&self, id: ThinId) -> Arc<RwLock<()>> {
-        self.inner.dev_locks.lock().entry(id.0).or_default().clone()
-    }
-
     fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
         let h = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vb.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
             as usize;
@@ -363,18 +360,13 @@ impl Pool {
 
     /// Snapshot `origin` as `id` in O(1). Waits for in-flight I/O on the origin.
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
-        let l = self.dev_lock(origin);
-        let _g = l.write();
+        let _g = self.inner.io_gate.write();
         self.mutate(|md| md.create_snap(id, origin))
     }
 
     /// Snapshot several devices in one metadata transaction: all or none.
     pub fn create_snaps(&self, pairs: &[(ThinId, ThinId)]) -> Result<()> {
-        let mut origins: Vec<u64> = pairs.iter().map(|p| p.1 .0).collect();
-        origins.sort_unstable();
-        origins.dedup();
-        let locks: Vec<_> = origins.iter().map(|&o| self.dev_lock(ThinId(o))).collect();
-        let _guards: Vec<_> = locks.iter().map(|l| l.write()).collect();
+        let _g = self.inner.io_gate.write();
         // Validate everything and check the metadata reserve once, up front, so the
         // batch never half-applies (a later pair failing with NoSpace(Metadata) would
         // otherwise leave the earlier snapshots in the transaction).
@@ -404,14 +396,8 @@ impl Pool {
     }
 
     pub fn delete_thin(&self, id: ThinId) -> Result<()> {
-        let l = self.dev_lock(id);
-        let g = l.write();
-        let r = self.mutate(|md| md.delete(id));
-        drop(g);
-        if r.is_ok() {
-            self.inner.dev_locks.lock().remove(&id.0);
-        }
-        r
+        let _g = self.inner.io_gate.write();
+        self.mutate(|md| md.delete(id))
     }
 
     pub fn exists(&self, id: ThinId) -> Result<bool> {
@@ -490,9 +476,11 @@ impl Pool {
 
     /// Read `buf.len()` bytes at byte `offset`; unmapped ranges read as zeros.
     pub fn read(&self, id: ThinId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let l = self.dev_lock(id);
-        let _g = l.read();
-        self.check_device(id)?;
+        let _g = self.inner.io_gate.read();
+        if buf.is_empty() {
+            // Non-empty reads check the device in their first lookup.
+            self.check_device(id)?;
+        }
         let bs = self.inner.block_bytes;
         let mut done = 0usize;
         for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
@@ -506,7 +494,7 @@ impl Pool {
                     .inner
                     .data
                     .read_at(seg, bt.block.0 * bs + off)
-                    .map_err(io_err(format!("data block {}", bt.block.0)))?,
+                    .map_err(|e| io_err(format!("data block {}", bt.block.0))(e))?,
             }
         }
         Ok(())
@@ -517,9 +505,10 @@ impl Pool {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
-        let l = self.dev_lock(id);
-        let _g = l.read();
-        self.check_device(id)?;
+        let _g = self.inner.io_gate.read();
+        if buf.is_empty() {
+            self.check_device(id)?;
+        }
         let mut done = 0usize;
         for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
             let seg = &buf[done..done + n as usize];
@@ -541,8 +530,7 @@ impl Pool {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
-        let l = self.dev_lock(id);
-        let _g = l.read();
+        let _g = self.inner.io_gate.read();
         self.check_device(id)?;
         let bs = self.inner.block_bytes;
         for (vb, off, n) in self.segments(offset, len)? {
@@ -586,13 +574,13 @@ impl Pool {
             (Mapped::Exclusive(b), Some(d)) => {
                 return io
                     .write_at(d, b.0 * bs + off)
-                    .map_err(io_err(format!("data block {}", b.0)));
+                    .map_err(|e| io_err(format!("data block {}", b.0))(e));
             }
             (Mapped::Exclusive(b), None) => {
                 let z = vec![0u8; n as usize];
                 return io
                     .write_at(&z, b.0 * bs + off)
-                    .map_err(io_err(format!("data block {}", b.0)));
+                    .map_err(|e| io_err(format!("data block {}", b.0))(e));
             }
             (Mapped::Unmapped, None) => return Ok(()),
             _ => {}
@@ -621,6 +609,14 @@ impl Pool {
                     return io.write_at(d, nb.0 * bs);
                 }
             }
+            // A new block that is a hole in the data file already reads as zeros:
+            // write only the new bytes instead of a zero-filled whole block.
+            if m == Mapped::Unmapped && io.is_hole(nb.0 * bs, bs)? {
+                return match data {
+                    Some(d) => io.write_at(d, nb.0 * bs + off),
+                    None => Ok(()),
+                };
+            }
             let mut blk = vec![0u8; bs as usize];
             if let Mapped::Shared(old) = m {
                 io.read_at(&mut blk, old.0 * bs)?;
@@ -634,7 +630,7 @@ impl Pool {
         let mut st = self.inner.state.lock();
         st.md.unreserve_data_block(nb);
         drop(st);
-        r.map_err(io_err(format!("data block {}", nb.0)))?;
+        r.map_err(|e| io_err(format!("data block {}", nb.0))(e))?;
         self.mutate(|md| md.insert_mapping(id, VBlock(vb), nb).map(|_| ()))
     }
 
@@ -836,6 +832,6 @@ impl Pool {
         self.inner
             .data
             .read_at(buf, b.0 * self.inner.block_bytes)
-            .map_err(io_err(format!("data block {}", b.0)))
+            .map_err(|e| io_err(format!("data block {}", b.0))(e))
     }
 }

@@ -48,6 +48,27 @@ impl ValueOps for NoRc {
     }
 }
 
+/// Hasher for metadata block numbers (multiply-rotate, as in FxHash): the node cache
+/// and the dirty set are looked up several times per I/O, where SipHash dominated.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct BlockHasher(u64);
+
+impl std::hash::Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+pub(crate) type BlockMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<BlockHasher>>;
+
 struct CacheEntry {
     node: Arc<Node>,
     used: u64,
@@ -55,10 +76,10 @@ struct CacheEntry {
 
 pub(crate) struct Tm {
     pub store: Arc<dyn Storage>,
-    cache: HashMap<u64, CacheEntry>,
+    cache: BlockMap<CacheEntry>,
     cache_capacity: usize,
     tick: u64,
-    pub dirty: HashMap<u64, Dirty>,
+    pub dirty: BlockMap<Dirty>,
     pub msm: SpaceMap,
     /// Metadata blocks that must stay free for the commit itself.
     pub reserve: u64,
@@ -72,10 +93,10 @@ impl Tm {
         let reserve = (msm.nr_blocks / 10).clamp(32, 4096);
         Tm {
             store,
-            cache: HashMap::new(),
+            cache: BlockMap::default(),
             cache_capacity: 65_536,
             tick: 0,
-            dirty: HashMap::new(),
+            dirty: BlockMap::default(),
             msm,
             reserve,
             alloc_failed: false,
@@ -96,7 +117,7 @@ impl Tm {
         let mut buf = zeroed_block();
         self.store
             .read_at(&mut buf[..], b.0 * METADATA_BLOCK_SIZE as u64)
-            .map_err(io_err(format!("metadata block {}", b.0)))?;
+            .map_err(|e| io_err(format!("metadata block {}", b.0))(e))?;
         Ok(buf)
     }
 
@@ -254,7 +275,7 @@ impl Tm {
             };
             self.store
                 .write_at(&packed[..], b * METADATA_BLOCK_SIZE as u64)
-                .map_err(io_err(format!("metadata block {b}")))?;
+                .map_err(|e| io_err(format!("metadata block {b}"))(e))?;
             n += 1;
         }
         Ok(n)

@@ -215,6 +215,25 @@ impl Storage for FileStorage {
         }
     }
 
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.is_block_device() {
+            return Ok(false);
+        }
+        // SAFETY: lseek on our own open descriptor; no memory is passed.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let r = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after offset.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(true)
+            } else {
+                Ok(false)
+            };
+        }
+        Ok(r as u64 >= offset.saturating_add(len))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable("discard")?;
         let dev_len = self.len.load(Ordering::Acquire);

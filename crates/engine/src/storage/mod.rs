@@ -39,4 +39,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn grow(&self, len: u64) -> io::Result<()>;
     /// Zero a range, releasing its space where possible.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Whether the range is known to read as zeros without having been written (a hole
+    /// in a sparse file). `false` when unknown; callers then write zeros themselves.
+    fn is_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
 }
