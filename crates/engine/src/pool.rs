@@ -231,6 +231,16 @@ impl Pool {
         dir: Option<&Path>,
     ) -> Result<Pool> {
         let md = Metadata::open(meta)?;
+        if md.sb.compat_ro_flags != 0 && !opts.read_only {
+            // The kernel refuses a read-write open with unknown compat_ro features.
+            return Err(Error::Inconsistent {
+                block: MetaBlock(0),
+                reason: format!(
+                    "unknown read-only-compatible features {:#x}: open the pool read-only",
+                    md.sb.compat_ro_flags
+                ),
+            });
+        }
         let need = md
             .nr_data_blocks()
             .checked_mul(md.data_block_bytes)
