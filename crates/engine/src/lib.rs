@@ -18,7 +18,7 @@ pub use thinvol_format as format;
 mod pool;
 
 pub use pool::{
-    default_metadata_size, DeviceInfo, OpenOptions, Pool, PoolConfig, PoolStatus, DATA_FILE,
+    default_metadata_size, DeviceInfo, OpenOptions, Pool, PoolConfig, PoolStatus, Tx, DATA_FILE,
     METADATA_FILE,
 };
 mod check;

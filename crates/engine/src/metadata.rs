@@ -444,6 +444,10 @@ impl Metadata {
         }
     }
 
+    pub fn data_block_refs(&mut self, b: DataBlock) -> Result<u32> {
+        self.dsm.count(b.0, &mut DataChunks { tm: &mut self.tm })
+    }
+
     pub fn lookup(&mut self, id: ThinId, vb: VBlock) -> Result<Option<BlockTime>> {
         let root = self.bottom_root(id)?;
         let Some(v) = btree::lookup_u64(&mut self.tm, root, vb.0)? else {

@@ -845,3 +845,102 @@ impl Pool {
             .map_err(|e| io_err(format!("data block {}", b.0))(e))
     }
 }
+
+/// Metadata operations inside one atomic pool transaction ([`Pool::transaction`]).
+pub struct Tx<'a> {
+    md: &'a mut Metadata,
+}
+
+impl Tx<'_> {
+    pub fn create_thin(&mut self, id: ThinId) -> Result<()> {
+        self.md.create_thin(id)
+    }
+
+    pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        self.md.create_snap(id, origin)
+    }
+
+    pub fn delete(&mut self, id: ThinId) -> Result<()> {
+        self.md.delete(id)
+    }
+
+    pub fn exists(&self, id: ThinId) -> bool {
+        self.md.exists(id)
+    }
+
+    pub fn transaction_id(&self) -> u64 {
+        self.md.sb.trans_id
+    }
+
+    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
+        self.md.set_transaction_id(old, new)
+    }
+
+    /// All mappings of a device as (virtual block, data block, time).
+    pub fn mappings(&mut self, id: ThinId) -> Result<Vec<(VBlock, DataBlock, u32)>> {
+        Ok(self
+            .md
+            .mappings(id, 0, u64::MAX)?
+            .into_iter()
+            .map(|(v, bt)| (v, bt.block, bt.time))
+            .collect())
+    }
+
+    /// Map `vb` of `id` to a data block another device (or an archived state) already
+    /// uses; the block gains a reference. Used to rebuild a device from a restore point.
+    pub fn map_existing(&mut self, id: ThinId, vb: VBlock, block: DataBlock) -> Result<()> {
+        if block.0 >= self.md.nr_data_blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "data block {} is beyond the data device",
+                block.0
+            )));
+        }
+        self.md.ensure_metadata_space()?;
+        self.md.insert_mapping(id, vb, block).map(|_| ())
+    }
+
+    /// Current reference count of a data block (0 = free).
+    pub fn data_block_refs(&mut self, block: DataBlock) -> Result<u32> {
+        self.md.data_block_refs(block)
+    }
+
+    /// The pool's snapshot clock.
+    pub fn time(&self) -> u32 {
+        self.md.sb.time
+    }
+}
+
+impl Pool {
+    /// Run several metadata operations as one transaction: all of them are committed
+    /// together, or — if `f` fails — none (the in-memory state is reloaded from the
+    /// last commit, which this call made just before `f` ran, so nothing else is lost).
+    /// In-flight I/O is drained first and waits until the commit.
+    pub fn transaction<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _g = self.inner.io_gate.write();
+        let mut st = self.writable_state()?;
+        self.commit_locked(&mut st)?;
+        let r = f(&mut Tx { md: &mut st.md });
+        match r {
+            Ok(v) => {
+                self.commit_locked(&mut st)?;
+                Ok(v)
+            }
+            Err(e) => {
+                let store = st.md.tm.store.clone();
+                match Metadata::open(store) {
+                    Ok(md) => {
+                        st.md = md;
+                        st.first_dirty = None;
+                    }
+                    Err(reload) => {
+                        st.poisoned = Some(format!("aborting a transaction failed: {reload}"));
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
