@@ -207,7 +207,7 @@ pub fn resize(cp: &mut CatalogPool, n: &Name, size: u64) -> Result<()> {
         if v.size > from {
             cp.pool.discard(ThinId(v.thin_id), from, v.size - from)?;
         }
-        if size % bs != 0 {
+        if !size.is_multiple_of(bs) {
             cp.pool.discard(ThinId(v.thin_id), size, from - size)?;
         }
     }
