@@ -25,6 +25,9 @@ pub enum CatalogError {
     Exists { kind: &'static str, name: String },
     #[error("refusing: {reason}")]
     Refused { reason: String },
+    /// A command argument (size, setting, type) that cannot be used; says what would be.
+    #[error("invalid argument '{arg}': {reason}")]
+    BadArgument { arg: String, reason: String },
     #[error("catalog {path}: {reason}")]
     BadCatalog { path: String, reason: String },
     #[error(

@@ -9,10 +9,13 @@
 pub mod bound;
 pub mod error;
 pub mod home;
+pub mod listing;
+pub mod manage;
 pub mod model;
 pub mod names;
 pub mod ops;
 pub mod registry;
+pub mod space;
 pub mod store;
 
 pub use bound::CatalogPool;

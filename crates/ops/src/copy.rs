@@ -48,6 +48,10 @@ pub struct CopyStats {
     pub bytes_skipped: u64,
     /// Bytes already equal on the device (not rewritten, so still shared with snapshots).
     pub bytes_unchanged: u64,
+    /// Bytes whose content on the device differed and was rewritten or cleared.
+    pub bytes_changed: u64,
+    /// Blocks whose content differed (the pool's block size; a last block may be partial).
+    pub blocks_changed: u64,
 }
 
 /// Data extents of a file: (offset, len) runs from SEEK_DATA/SEEK_HOLE, or the whole
@@ -78,60 +82,94 @@ fn data_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Copy `len` bytes of `path` (whole file when None) into device `id` at byte 0.
+/// Copy the whole file at `path` into device `id` from byte 0.
 pub fn file_into_device(
     pool: &Pool,
     id: ThinId,
     path: &Path,
     progress: &mut dyn Progress,
 ) -> Result<CopyStats, CopyError> {
+    image_into_device(pool, id, path, None, progress)
+}
+
+/// Length of a regular file or block device (seeking to its end).
+pub fn source_len(path: &Path) -> Result<u64, CopyError> {
+    let mut f = File::open(path).map_err(ferr(path))?;
+    io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(ferr(path))
+}
+
+/// Bring device `id` to the content of the image at `path`: afterwards the device's
+/// first `max(file length, device_len)` bytes equal the file followed by zeros.
+///
+/// Only blocks whose content differs are touched: a block already equal is not
+/// rewritten (it stays shared with snapshots), a zero block or hole in the file is not
+/// stored, and where the device maps non-zero bytes there they are discarded.
+/// `bytes_changed`/`blocks_changed` count the blocks whose content differed — what a
+/// block-by-block comparison of the old and the new content finds.
+pub fn image_into_device(
+    pool: &Pool,
+    id: ThinId,
+    path: &Path,
+    device_len: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<CopyStats, CopyError> {
+    let len = source_len(path)?;
     let f = File::open(path).map_err(ferr(path))?;
-    let len = f.metadata().map_err(ferr(path))?.len();
+    let total = device_len.unwrap_or(len).max(len);
     let bs = pool.block_size();
-    progress.start("import", len);
+    progress.start("import", total);
     let mut stats = CopyStats {
         bytes: len,
         ..Default::default()
     };
     let extents = data_extents(&f, len);
-    // Blocks entirely inside holes: make sure the device has nothing there.
-    let mut covered = 0u64;
     let mut buf = vec![0u8; bs as usize];
     let mut cur = vec![0u8; bs as usize];
-    // Blocks the device maps now: only those can already hold equal bytes.
-    let mapped: std::collections::HashSet<u64> = pool
-        .mappings_range(id, 0, len.div_ceil(bs))?
+    // Blocks the device maps now: only those can hold non-zero or equal bytes.
+    let mapped: std::collections::BTreeSet<u64> = pool
+        .mappings_range(id, 0, total.div_ceil(bs))?
         .into_iter()
         .map(|(v, _)| v.0)
         .collect();
-    let clear = |from: u64, to: u64, stats: &mut CopyStats| -> Result<(), CopyError> {
-        if to > from {
-            pool.discard(id, from, to - from)?;
-            stats.bytes_skipped += to - from;
+    // Make [from, to) read as zeros, touching only mapped blocks that are not zero
+    // there (whole zero blocks are unmapped to free their space).
+    let clear = |from: u64, to: u64, cur: &mut [u8], stats: &mut CopyStats| {
+        if to <= from {
+            return Ok::<(), CopyError>(());
+        }
+        for &b in mapped.range(from / bs..to.div_ceil(bs)) {
+            let s = (b * bs).max(from);
+            let e = ((b + 1) * bs).min(to);
+            let part = &mut cur[..(e - s) as usize];
+            pool.read(id, s, part)?;
+            if part.iter().any(|&x| x != 0) {
+                stats.bytes_changed += e - s;
+                stats.blocks_changed += 1;
+                pool.discard(id, s, e - s)?;
+            } else if e - s == bs {
+                pool.discard(id, s, bs)?;
+            }
         }
         Ok(())
     };
+    let mut covered = 0u64;
     for (off, elen) in extents {
         // Align the extent outward to blocks.
         let start = off / bs * bs;
         let end = ((off + elen).div_ceil(bs) * bs).min(len.div_ceil(bs) * bs);
         if start > covered {
-            clear(covered, start, &mut stats)?;
+            clear(covered, start, &mut cur, &mut stats)?;
             progress.advance(start - covered);
         }
         let mut pos = start.max(covered);
         while pos < end {
-            let n = bs.min(len - pos.min(len)) as usize;
+            let n = bs.min(len - pos) as usize;
             let chunk = &mut buf[..n];
             f.read_exact_at(chunk, pos).map_err(ferr(path))?;
-            let is_mapped = mapped.contains(&(pos / bs));
             if chunk.iter().all(|&b| b == 0) {
-                if is_mapped {
-                    pool.discard(id, pos, n as u64)?;
-                }
-                stats.bytes_skipped += n as u64;
+                clear(pos, pos + n as u64, &mut cur, &mut stats)?;
             } else {
-                let same = is_mapped && {
+                let same = mapped.contains(&(pos / bs)) && {
                     pool.read(id, pos, &mut cur[..n])?;
                     cur[..n] == *chunk
                 };
@@ -140,6 +178,8 @@ pub fn file_into_device(
                 } else {
                     pool.write(id, pos, chunk)?;
                     stats.bytes_written += n as u64;
+                    stats.bytes_changed += n as u64;
+                    stats.blocks_changed += 1;
                 }
             }
             progress.advance(n as u64);
@@ -147,10 +187,12 @@ pub fn file_into_device(
         }
         covered = covered.max(end);
     }
-    if covered < len {
-        clear(covered, len, &mut stats)?;
-        progress.advance(len - covered);
-    }
+    // The rest of the file after its last data, then the device beyond the file
+    // (including the end of a last, partial block).
+    let from = covered.min(len);
+    clear(from, total, &mut cur, &mut stats)?;
+    progress.advance(total - from);
+    stats.bytes_skipped = len - stats.bytes_written - stats.bytes_unchanged;
     pool.commit()?;
     progress.finish();
     Ok(stats)
