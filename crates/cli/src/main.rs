@@ -1,8 +1,12 @@
 //! `thinvol` command line. Parses arguments and calls the libraries; nothing else.
 
+mod common;
 mod exit;
+mod image_cmd;
+mod pool_cmd;
 mod progress;
 mod thin;
+mod vol_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +17,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "thinvol",
     version,
-    about = "Thin-provisioned volumes with dm-thin compatible metadata"
+    about = "Thin-provisioned volumes with dm-thin compatible metadata",
+    after_help = exit::HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,13 +38,27 @@ enum Cmd {
     /// Low-level pool and thin-device commands by directory and thin id.
     #[command(subcommand)]
     Thin(thin::ThinCmd),
+    /// Pools by name: create, list, status, grow, destroy, import, set.
+    #[command(subcommand)]
+    Pool(pool_cmd::PoolCmd),
+    #[command(flatten)]
+    Vol(vol_cmd::VolCmd),
+    #[command(flatten)]
+    Image(image_cmd::ImageCmd),
+    /// Check a pool: every tree and space map, and that catalog and devices agree.
+    Check(pool_cmd::CheckArgs),
 }
 
 fn main() -> ExitCode {
+    common::default_sigpipe();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo { dir, json } => thin::demo(dir, json),
         Cmd::Thin(c) => thin::run(c),
+        Cmd::Pool(c) => pool_cmd::run(c),
+        Cmd::Vol(c) => vol_cmd::run(c),
+        Cmd::Image(c) => image_cmd::run(c),
+        Cmd::Check(a) => pool_cmd::check(a),
     };
     match r {
         Ok(code) => code,
