@@ -296,6 +296,9 @@ pub fn run(cmd: PoolCmd) -> Result<ExitCode> {
             let r = manage::report(&h)?;
             print_warnings(&mut h);
             h.close()?;
+            for w in &r.warnings {
+                eprintln!("thinvol: warning: pool '{pool}': {w}");
+            }
             if as_json {
                 print_json(
                     &json!({"name": pool, "dir": r.dir, "how": how, "volumes": vols,
