@@ -12,6 +12,11 @@
 //! truth (the crash hit between 4 and 5) and is promoted; any other pending catalog is
 //! discarded (the pool never committed it). Then the catalog must match the pool's
 //! transaction id and name exactly the pool's thin devices.
+//!
+//! A failed change never removes the pending catalog: when the pool commit fails after
+//! step 3, whether the superblock reached the disk is unknown until the next open.
+//! Crash tests (`crates/catalog/tests/crash.rs`) kill a change at each step through the
+//! failpoints of [`crate::failpoint`] and cut power at every pool write and flush.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +24,7 @@ use thinvol_engine::format::ThinId;
 use thinvol_engine::{Pool, PoolConfig, Tx};
 
 use crate::error::{io, CatalogError, Result};
+use crate::failpoint::failpoint;
 use crate::model::{Catalog, Settings};
 use crate::store::{remove_durable, rename_durable, write_atomic};
 
@@ -132,6 +138,13 @@ impl CatalogPool {
         opts: &thinvol_engine::OpenOptions,
     ) -> Result<CatalogPool> {
         let pool = Pool::open_with(dir, opts)?;
+        Self::open_on_pool(name, dir, pool)
+    }
+
+    /// Bind an already open pool (on any storage) to the catalog files in `dir`, with
+    /// the same recovery as [`CatalogPool::open`]; read-only when the pool is.
+    pub fn open_on_pool(name: &str, dir: &Path, pool: Pool) -> Result<CatalogPool> {
+        let read_only = pool.is_read_only();
         let tpool = pool.status()?.transaction_id;
         let cpath = dir.join(CATALOG_FILE);
         let ppath = dir.join(PENDING_FILE);
@@ -140,17 +153,19 @@ impl CatalogPool {
             reason: "missing; register the directory with 'thinvol pool import'".into(),
         })?;
         if let Some(p) = read_catalog(&ppath).unwrap_or(None) {
-            if opts.read_only {
+            if read_only {
                 if p.transaction_id == tpool {
                     catalog = p;
                 }
             } else if p.transaction_id == tpool {
+                failpoint("open:promote");
                 rename_durable(&ppath, &cpath)?;
                 catalog = p;
             } else {
+                failpoint("open:discard");
                 remove_durable(&ppath)?;
             }
-        } else if ppath.exists() && !opts.read_only {
+        } else if ppath.exists() && !read_only {
             // Unreadable pending file: the crash hit while writing it, before the pool
             // commit (step 3 precedes step 4).
             remove_durable(&ppath)?;
@@ -204,6 +219,7 @@ impl CatalogPool {
         &mut self,
         f: impl FnOnce(&mut Catalog, &mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
+        failpoint("change:begin");
         let before = self.usage().ok();
         let t = self.catalog.transaction_id;
         let mut next = self.catalog.clone();
@@ -221,18 +237,26 @@ impl CatalogPool {
                 Err(e) => return Err(fail(e, &mut failure)),
             };
             tx.set_transaction_id(t, t + 1)?;
+            failpoint("change:ops-applied");
             let bytes = encode(&next, &ppath).map_err(|e| fail(e, &mut failure))?;
             write_atomic(&ppath, &bytes).map_err(|e| fail(e, &mut failure))?;
+            failpoint("change:pending-written");
             Ok(v)
         });
         let v = match r {
             Ok(v) => v,
             Err(e) => {
-                let _ = remove_durable(&ppath);
+                // Leave any pending catalog where it is: if the pool commit failed after
+                // it was written, the superblock may still have reached the disk, and
+                // only the recovery at open (comparing transaction ids) can tell. A
+                // pending catalog left by an earlier failed rename is the committed
+                // truth. Removing either could leave the pool ahead of its catalog.
                 return Err(failure.unwrap_or(CatalogError::Engine(e)));
             }
         };
+        failpoint("change:pool-committed");
         rename_durable(&ppath, &self.dir.join(CATALOG_FILE))?;
+        failpoint("change:renamed");
         self.catalog = next;
         if let (Some(b), Ok(a)) = (before, self.usage()) {
             self.note_thresholds(&b, &a);

@@ -8,6 +8,7 @@
 
 pub mod bound;
 pub mod error;
+pub mod failpoint;
 pub mod home;
 pub mod listing;
 pub mod manage;

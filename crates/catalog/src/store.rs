@@ -21,6 +21,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()
             .map_err(io(format!("syncing {}", tmp.display())))?;
     }
+    crate::failpoint::failpoint("store:tmp-synced");
     fs::rename(&tmp, path).map_err(io(format!(
         "renaming {} to {}",
         tmp.display(),
