@@ -6,7 +6,9 @@
 //! 2. set the pool's transaction id T -> T+1;
 //! 3. write the next catalog to `catalog.pending.json` (atomically, fsynced);
 //! 4. commit the pool (the superblock write is the commit point of the whole change);
-//! 5. rename `catalog.pending.json` over `catalog.json`.
+//! 5. rename `catalog.pending.json` over `catalog.json`;
+//! 6. record the change's restore point in the archive ([`crate::archive`]; captured
+//!    inside the transaction, written last: a crash before it loses only the point).
 //!
 //! Recovery at open: a pending catalog whose transaction id equals the pool's is the
 //! truth (the crash hit between 4 and 5) and is promoted; any other pending catalog is
@@ -219,6 +221,17 @@ impl CatalogPool {
         &mut self,
         f: impl FnOnce(&mut Catalog, &mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.change_described("catalog change", f)
+    }
+
+    /// [`CatalogPool::change`], recording a restore point described by `what` (e.g.
+    /// "snapshot tank/vm@daily") in the archive (`crate::archive`). The point is written
+    /// after the commit; if that fails, the change stands and a warning says so.
+    pub fn change_described<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Catalog, &mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
         failpoint("change:begin");
         let before = self.usage().ok();
         let t = self.catalog.transaction_id;
@@ -226,6 +239,7 @@ impl CatalogPool {
         next.transaction_id = t + 1;
         let ppath = self.dir.join(PENDING_FILE);
         let mut failure: Option<CatalogError> = None;
+        let mut point = None;
         let r = self.pool.transaction(|tx| {
             let fail = |e: CatalogError, failure: &mut Option<CatalogError>| {
                 let msg = e.to_string();
@@ -236,6 +250,7 @@ impl CatalogPool {
                 Ok(v) => v,
                 Err(e) => return Err(fail(e, &mut failure)),
             };
+            point = Some(crate::archive::capture(&next, tx).map_err(|e| fail(e, &mut failure))?);
             tx.set_transaction_id(t, t + 1)?;
             failpoint("change:ops-applied");
             let bytes = encode(&next, &ppath).map_err(|e| fail(e, &mut failure))?;
@@ -258,6 +273,15 @@ impl CatalogPool {
         rename_durable(&ppath, &self.dir.join(CATALOG_FILE))?;
         failpoint("change:renamed");
         self.catalog = next;
+        if let Some(p) = point {
+            let bs = self.pool.block_size();
+            if let Err(e) = crate::archive::record(&self.dir, &self.catalog, bs, p, what) {
+                self.warnings.push(format!(
+                    "pool '{}': no restore point recorded: {e}",
+                    self.name
+                ));
+            }
+        }
         if let (Some(b), Ok(a)) = (before, self.usage()) {
             self.note_thresholds(&b, &a);
         }
@@ -305,7 +329,7 @@ impl CatalogPool {
 
     /// Persist the catalog's settings (a catalog change with no device operation).
     pub fn set_settings(&mut self, s: crate::model::Settings) -> Result<()> {
-        self.change(|c, _| {
+        self.change_described("settings", |c, _| {
             c.settings = s;
             Ok(())
         })

@@ -6,6 +6,7 @@
 //! * [`store`]: atomic files; [`bound`]: the catalog bound to the pool's transaction id,
 //!   with crash recovery at open (docs/design.md §11).
 
+pub mod archive;
 pub mod bound;
 pub mod error;
 pub mod failpoint;

@@ -29,7 +29,8 @@ pub fn create_volume(cp: &mut CatalogPool, n: &Name, size: u64) -> Result<()> {
     }
     let vol = n.vol().to_string();
     let pool = cp.name.clone();
-    cp.change(|c, tx| {
+    let what = format!("create {n} ({})", thinvol_engine::format::human_bytes(size));
+    cp.change_described(&what, |c, tx| {
         if c.volumes.contains_key(&vol) {
             return Err(CatalogError::Exists {
                 kind: "volume",
@@ -70,7 +71,15 @@ pub fn snapshot(cp: &mut CatalogPool, names: &[Name]) -> Result<()> {
     }
     let group = (names.len() > 1).then(new_uuid);
     let pool = cp.name.clone();
-    cp.change(|c, tx| {
+    let what = format!(
+        "snapshot {}",
+        names
+            .iter()
+            .map(Name::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    cp.change_described(&what, |c, tx| {
         let t = now();
         for n in names {
             let v = c.volume(&pool, n.vol())?;
@@ -104,7 +113,7 @@ pub fn clone(cp: &mut CatalogPool, from: &Name, to: &Name) -> Result<()> {
     same_pool(cp, from)?;
     same_pool(cp, to)?;
     let pool = cp.name.clone();
-    cp.change(|c, tx| {
+    cp.change_described(&format!("clone {from} as {to}"), |c, tx| {
         let s = c.snapshot(&pool, from.vol(), from.snap())?.clone();
         if c.volumes.contains_key(to.vol()) {
             return Err(CatalogError::Exists {
@@ -134,8 +143,9 @@ pub fn rename(cp: &mut CatalogPool, from: &Name, to: &Name) -> Result<()> {
     same_pool(cp, from)?;
     same_pool(cp, to)?;
     let pool = cp.name.clone();
+    let what = format!("rename {from} to {to}");
     match (&from.snapshot, &to.snapshot) {
-        (None, None) => cp.change(|c, _| {
+        (None, None) => cp.change_described(&what, |c, _| {
             let v = c.volume(&pool, from.vol())?.clone();
             if c.volumes.contains_key(to.vol()) {
                 return Err(CatalogError::Exists {
@@ -157,7 +167,7 @@ pub fn rename(cp: &mut CatalogPool, from: &Name, to: &Name) -> Result<()> {
             c.volumes.insert(to.vol().to_string(), v);
             Ok(())
         }),
-        (Some(_), Some(_)) if from.vol() == to.vol() => cp.change(|c, _| {
+        (Some(_), Some(_)) if from.vol() == to.vol() => cp.change_described(&what, |c, _| {
             let s = c.snapshot(&pool, from.vol(), from.snap())?.clone();
             let v = c.volume_mut(&pool, from.vol())?;
             if v.snapshots.contains_key(to.snap()) {
@@ -211,7 +221,11 @@ pub fn resize(cp: &mut CatalogPool, n: &Name, size: u64) -> Result<()> {
             cp.pool.discard(ThinId(v.thin_id), size, from - size)?;
         }
     }
-    cp.change(|c, _| {
+    let what = format!(
+        "resize {n} to {}",
+        thinvol_engine::format::human_bytes(size)
+    );
+    cp.change_described(&what, |c, _| {
         c.volume_mut(&pool, n.vol())?.size = size;
         Ok(())
     })
@@ -270,7 +284,8 @@ pub fn destroy(cp: &mut CatalogPool, n: &Name, recursive: bool) -> Result<()> {
         return Err(refused(why.join("; ")));
     }
     let pool = cp.name.clone();
-    cp.change(|c, tx| {
+    let what = format!("destroy {}{n}", if recursive { "-r " } else { "" });
+    cp.change_described(&what, |c, tx| {
         match &n.snapshot {
             Some(s) => {
                 let id = c.snapshot(&pool, n.vol(), s)?.thin_id;
@@ -293,7 +308,7 @@ pub fn destroy(cp: &mut CatalogPool, n: &Name, recursive: bool) -> Result<()> {
 pub fn hold(cp: &mut CatalogPool, n: &Name, tag: &str) -> Result<()> {
     same_pool(cp, n)?;
     let pool = cp.name.clone();
-    cp.change(|c, _| {
+    cp.change_described(&format!("hold {n} ({tag})"), |c, _| {
         let s = c.snapshot_mut(&pool, n.vol(), n.snap())?;
         if !s.holds.insert(tag.to_string()) {
             return Err(refused(format!("'{n}' already has hold '{tag}'")));
@@ -305,7 +320,7 @@ pub fn hold(cp: &mut CatalogPool, n: &Name, tag: &str) -> Result<()> {
 pub fn release(cp: &mut CatalogPool, n: &Name, tag: &str) -> Result<()> {
     same_pool(cp, n)?;
     let pool = cp.name.clone();
-    cp.change(|c, _| {
+    cp.change_described(&format!("release {n} ({tag})"), |c, _| {
         let s = c.snapshot_mut(&pool, n.vol(), n.snap())?;
         if !s.holds.remove(tag) {
             let have: Vec<_> = s.holds.iter().cloned().collect();
@@ -328,7 +343,11 @@ pub fn release(cp: &mut CatalogPool, n: &Name, tag: &str) -> Result<()> {
 pub fn rollback(cp: &mut CatalogPool, n: &Name, keep_current: Option<&str>) -> Result<()> {
     same_pool(cp, n)?;
     let pool = cp.name.clone();
-    cp.change(|c, tx| {
+    let what = match keep_current {
+        Some(k) => format!("rollback {n} (previous state kept as @{k})"),
+        None => format!("rollback {n}"),
+    };
+    cp.change_described(&what, |c, tx| {
         let s = c.snapshot(&pool, n.vol(), n.snap())?.clone();
         let v = c.volume(&pool, n.vol())?.clone();
         if let Some(k) = keep_current {
