@@ -1,5 +1,6 @@
 //! `thinvol` command line. Parses arguments and calls the libraries; nothing else.
 
+mod archive_cmd;
 mod common;
 mod exit;
 mod image_cmd;
@@ -47,6 +48,13 @@ enum Cmd {
     Image(image_cmd::ImageCmd),
     /// Check a pool: every tree and space map, and that catalog and devices agree.
     Check(pool_cmd::CheckArgs),
+    /// List a pool's restore points (recorded after every change), oldest first.
+    History(archive_cmd::HistoryArgs),
+    /// Bring back the names and devices of a restore point (see 'thinvol history').
+    ///
+    /// Refuses when data blocks the point needs were freed or reused since. Blocks of
+    /// writable volumes written in place since the point keep their current data.
+    Restore(archive_cmd::RestoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +67,8 @@ fn main() -> ExitCode {
         Cmd::Vol(c) => vol_cmd::run(c),
         Cmd::Image(c) => image_cmd::run(c),
         Cmd::Check(a) => pool_cmd::check(a),
+        Cmd::History(a) => archive_cmd::history(a),
+        Cmd::Restore(a) => archive_cmd::restore(a),
     };
     match r {
         Ok(code) => code,
