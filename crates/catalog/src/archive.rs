@@ -695,6 +695,15 @@ pub fn history(dir: &Path) -> Result<Vec<PointInfo>> {
     }
 }
 
+/// Number of live restore points, from the index header and length alone: O(1).
+pub fn point_count(dir: &Path) -> Result<u64> {
+    let adir = dir.join(ARCHIVE_DIR);
+    Ok(match Index::open(&adir, false)? {
+        Some(ix) => ix.next - ix.first,
+        None => history(dir)?.len() as u64,
+    })
+}
+
 /// Size and count of the archive of the pool in `dir` (bytes of live point files plus
 /// the index, number of live points).
 pub fn usage(dir: &Path) -> Result<(u64, u64)> {
@@ -855,7 +864,8 @@ pub struct Restored {
     pub transaction: u64,
     /// Names (`VOL`, `VOL@SNAP`) the pool has now.
     pub names: Vec<String>,
-    /// Names the pool had before that the point does not have.
+    /// Names the pool had before that the point does not have (devices kept under
+    /// another name are not listed).
     pub removed: Vec<String>,
     /// Devices rebuilt from the dump (new thin ids).
     pub rebuilt: usize,
@@ -997,7 +1007,8 @@ pub fn restore(cp: &mut CatalogPool, point_id: u64) -> Result<Restored> {
         point.info.transaction
     );
     let pt = point.info.pool_time;
-    let names_before: BTreeSet<String> = cp.catalog.thin_ids().into_values().collect();
+    let names_before = cp.catalog.thin_ids();
+    let mut kept_ids = BTreeSet::new();
     let point_names = point.catalog.thin_ids();
     let mut report = Restored {
         point: point_id,
@@ -1098,12 +1109,15 @@ pub fn restore(cp: &mut CatalogPool, point_id: u64) -> Result<Restored> {
         }
         c.volumes = volumes;
         report.transaction = c.transaction_id;
+        kept_ids = keep;
         Ok(())
     })?;
+    // Names gone: not in the point, and not a kept device (that one only changed name).
     let after: BTreeSet<&String> = point_names.values().collect();
     report.removed = names_before
         .into_iter()
-        .filter(|n| !after.contains(n))
+        .filter(|(id, n)| !after.contains(n) && !kept_ids.contains(id))
+        .map(|(_, n)| n)
         .collect();
     Ok(report)
 }

@@ -189,6 +189,50 @@ impl CatalogPool {
         Ok(cp)
     }
 
+    /// Open for a restore ([`crate::archive::restore`]) even when [`CatalogPool::open`]
+    /// refuses because catalog and pool disagree (the pool was changed outside thinvol)
+    /// or the catalog is missing or damaged. The catalog in memory then names every thin
+    /// device of the pool `thin-ID`, at the pool's transaction id, keeping the settings,
+    /// pool uuid and thin-id counter of the old catalog when it can be read; the restore
+    /// replaces it. Nothing is written until the restore commits.
+    pub fn open_for_restore(name: &str, dir: &Path) -> Result<CatalogPool> {
+        match Self::open(name, dir) {
+            Err(CatalogError::Diverged { .. } | CatalogError::BadCatalog { .. }) => {}
+            r => return r,
+        }
+        let pool = Pool::open(dir)?;
+        let old = read_catalog(&dir.join(CATALOG_FILE)).ok().flatten();
+        let mut catalog = Catalog::new(
+            pool.status()?.transaction_id,
+            old.as_ref().map(|c| c.settings.clone()).unwrap_or_default(),
+        );
+        if let Some(o) = &old {
+            catalog.pool_uuid.clone_from(&o.pool_uuid);
+            catalog.next_thin_id = o.next_thin_id;
+        }
+        for d in pool.devices()? {
+            catalog.volumes.insert(
+                format!("thin-{}", d.id.0),
+                crate::model::Volume {
+                    thin_id: d.id.0,
+                    uuid: crate::model::new_uuid(),
+                    size: 0,
+                    created: 0,
+                    origin: None,
+                    snapshots: Default::default(),
+                },
+            );
+            catalog.next_thin_id = catalog.next_thin_id.max(d.id.0 + 1);
+        }
+        Ok(CatalogPool {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            pool,
+            catalog,
+            warnings: Vec::new(),
+        })
+    }
+
     /// Every catalog name has its thin device and every thin device has a name.
     pub fn verify_devices(&self) -> Result<()> {
         let named = self.catalog.thin_ids();
