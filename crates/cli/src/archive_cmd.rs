@@ -9,9 +9,9 @@ use serde_json::json;
 use thinvol_catalog::archive;
 use thinvol_catalog::listing::format_time_utc;
 use thinvol_catalog::manage;
-use thinvol_catalog::Name;
+use thinvol_catalog::{CatalogPool, Name};
 
-use crate::common::{print_json, registry, with_pool};
+use crate::common::{print_json, registry};
 
 #[derive(Args)]
 pub struct HistoryArgs {
@@ -75,10 +75,21 @@ pub fn history(a: HistoryArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Bring back the catalog and devices of a restore point in one transaction.
+/// Bring back the catalog and devices of a restore point in one transaction. Works
+/// also on a pool whose catalog no longer matches its devices (changed outside thinvol,
+/// catalog lost): that is what the "catalog and pool disagree" error points to.
 pub fn restore(a: RestoreArgs) -> Result<ExitCode> {
     Name::pool(&a.pool)?;
-    let r = with_pool(&a.pool, |h| Ok(archive::restore(h, a.point)?))?;
+    let reg = registry().get(&a.pool)?;
+    let _lock = manage::lock_dir(&reg.dir, &a.pool, true)?;
+    let mut cp = CatalogPool::open_for_restore(&a.pool, &reg.dir)?;
+    let r = archive::restore(&mut cp, a.point);
+    for w in cp.take_warnings() {
+        eprintln!("thinvol: warning: {w}");
+    }
+    let closed = cp.close();
+    let r = r?;
+    closed?;
     if a.json {
         print_json(&r)?;
         return Ok(ExitCode::SUCCESS);

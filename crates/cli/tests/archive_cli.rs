@@ -166,7 +166,12 @@ fn history_lists_every_change_and_restore_brings_back_a_destroyed_snapshot() {
     let r = e.json(&["restore", "tank", &point, "--json"]);
     assert_eq!(r["point"].to_string(), point);
     assert_eq!(r["names"], serde_json::json!(["vm", "vm@a"]));
-    assert_eq!(r["removed"], serde_json::json!(["web"]));
+    // tank/web is tank/vm renamed: the same device, kept and named vm again.
+    assert_eq!(r["removed"], serde_json::json!([]));
+    assert_eq!(
+        (r["kept"].as_u64(), r["rebuilt"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(e.export("tank/vm@a"), image(4 << 20, 1));
     assert_eq!(e.export("tank/vm"), image(4 << 20, 1));
     let list = e.json(&["list", "tank", "--json"]);
@@ -282,4 +287,30 @@ fn errors_and_retention() {
     // pool destroy removes the archive with the pool.
     e.ok(&["pool", "destroy", "tank", "--force"]);
     assert!(!e.path("tank").join("archive").exists());
+}
+
+#[test]
+fn restore_repairs_a_pool_changed_behind_the_catalog() {
+    let e = Env::new();
+    e.ok(&[
+        "pool",
+        "create",
+        "tank",
+        "--dir",
+        &e.p("tank"),
+        "--size",
+        "64M",
+    ]);
+    e.ok(&["create", "tank/vm", "--size", "1M"]);
+    let point = e.last_point("tank");
+    // A thin device made with the plumbing commands has no name: the pool no longer
+    // opens by name, and the error points to restore.
+    e.ok(&["thin", "create", &e.p("tank"), "40"]);
+    let err = e.fails(&["create", "tank/other", "--size", "1M"], 5);
+    assert!(err.contains("thin device 40"), "{err}");
+    let r = e.json(&["restore", "tank", &point, "--json"]);
+    assert_eq!(r["removed"], serde_json::json!(["thin-40"]));
+    assert_eq!(r["kept"], 1);
+    e.ok(&["create", "tank/other", "--size", "1M"]);
+    e.ok(&["check", "tank"]);
 }
