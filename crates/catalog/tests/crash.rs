@@ -8,7 +8,7 @@
 //! * `failpoint_at_every_step`: every operation (create, snapshot, group snapshot,
 //!   destroy of a snapshot / a volume / a clone / `-r`, clone, rollback with and without
 //!   `--keep-current`, rename of a volume and of a snapshot, hold, release, resize,
-//!   settings) runs in a child process (this test binary, re-executed) that aborts at
+//!   settings, restore of an archived point) runs in a child process (this test binary, re-executed) that aborts at
 //!   each failpoint of the change (`thinvol_catalog::failpoint`): before anything, with
 //!   the thin operations applied in memory, with the pending catalog's temporary file
 //!   fsynced, with the pending catalog durable, after the pool commit, after the rename.
@@ -347,6 +347,12 @@ fn operations() -> Vec<Op> {
             run: |cp| ops::resize(cp, &name("tank/b"), 6 * BS),
         },
         Op {
+            // Restore point 4 of the template (after `hold tank/a@s2`): rebuilds a
+            // (rewritten since), keeps a@s1 and a@s2, deletes everything newer.
+            name: "restore",
+            run: |cp| thinvol_catalog::archive::restore(cp, 4).map(|_| ()),
+        },
+        Op {
             name: "settings",
             run: |cp| {
                 cp.set_settings(Settings {
@@ -626,7 +632,28 @@ fn catalog_files(dir: &Path) -> Files {
             m.insert(f.to_string(), b);
         }
     }
+    // The metadata archive (restore reads its points).
+    if let Ok(rd) = std::fs::read_dir(dir.join(thinvol_catalog::archive::ARCHIVE_DIR)) {
+        for e in rd.flatten() {
+            if let Ok(b) = std::fs::read(e.path()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                m.insert(
+                    format!("{}/{name}", thinvol_catalog::archive::ARCHIVE_DIR),
+                    b,
+                );
+            }
+        }
+    }
     m
+}
+
+/// Write catalog (and archive) files into a pool directory.
+fn put_files(files: &Files, dir: &Path) {
+    for (f, b) in files {
+        let p = dir.join(f);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, b).expect("write catalog file");
+    }
 }
 
 /// A simulated device that photographs the catalog files at the instant power is lost
@@ -692,9 +719,7 @@ struct SimRun {
 /// Open the template (device images + catalog files) on a fresh simulator.
 fn sim_open(meta: &[u8], data: &[u8], files: &Files, dir: &Path) -> SimRun {
     std::fs::create_dir_all(dir).expect("mkdir");
-    for (f, b) in files {
-        std::fs::write(dir.join(f), b).expect("write catalog file");
-    }
+    put_files(files, dir);
     let sim = CrashSim::new();
     let at_crash = Arc::new(Mutex::new(None));
     let dev = |bytes: &[u8]| {
@@ -720,9 +745,7 @@ fn sim_state(
         std::fs::remove_dir_all(dir).expect("clean");
     }
     std::fs::create_dir_all(dir).expect("mkdir");
-    for (f, b) in files {
-        std::fs::write(dir.join(f), b).expect("write catalog file");
-    }
+    put_files(files, dir);
     let mstore = Arc::new(MemStorage::from_bytes(meta));
     let pool = Pool::open_on(
         mstore.clone(),
