@@ -47,7 +47,7 @@ pub(crate) fn empty(tm: &mut Tm, value_size: u32) -> Result<MetaBlock> {
 pub(crate) fn lookup(tm: &mut Tm, root: MetaBlock, vs: u32, key: u64) -> Result<Option<Vec<u8>>> {
     let mut b = root;
     for _ in 0..MAX_DEPTH {
-        let n = tm.read_node(b, vs)?;
+        let n = tm.node(b, vs)?;
         if n.is_leaf() {
             return Ok(n.find(key).map(|i| n.value(i).to_vec()));
         }
@@ -64,21 +64,7 @@ pub(crate) fn lookup(tm: &mut Tm, root: MetaBlock, vs: u32, key: u64) -> Result<
 
 /// Look up `key` in a tree of 8-byte values, without copying the value out.
 pub(crate) fn lookup_u64(tm: &mut Tm, root: MetaBlock, key: u64) -> Result<Option<u64>> {
-    let mut b = root;
-    for _ in 0..MAX_DEPTH {
-        let n = tm.read_node(b, 8)?;
-        if n.is_leaf() {
-            return Ok(n.find(key).map(|i| n.value_u64(i)));
-        }
-        if n.is_empty() {
-            return Err(empty_internal(b));
-        }
-        match n.lower_bound(key) {
-            Some(i) => b = n.child(i),
-            None => return Ok(None),
-        }
-    }
-    Err(too_deep(root))
+    Ok(lookup_u64_exclusive(tm, root, key)?.map(|(v, _)| v))
 }
 
 /// Look up a u64 value and report whether every node on the path has count 1.
@@ -91,7 +77,7 @@ pub(crate) fn lookup_u64_exclusive(
     let mut exclusive = true;
     for _ in 0..MAX_DEPTH {
         exclusive &= tm.count(b) == 1;
-        let n = tm.read_node(b, 8)?;
+        let n = tm.node(b, 8)?;
         if n.is_leaf() {
             return Ok(n.find(key).map(|i| (n.value_u64(i), exclusive)));
         }
@@ -104,6 +90,61 @@ pub(crate) fn lookup_u64_exclusive(
         }
     }
     Err(too_deep(root))
+}
+
+/// `lookup_u64_exclusive` for a shared lock: only dirty and cached nodes (no I/O, no
+/// cache change). `None` when the lookup cannot be answered that way — a node would
+/// have to be read, or something is wrong (then `lookup_u64_exclusive`, under the
+/// exclusive lock, reports it).
+#[inline]
+pub(crate) fn peek_u64_exclusive(
+    tm: &Tm,
+    root: MetaBlock,
+    key: u64,
+) -> Option<Option<(u64, bool)>> {
+    let mut b = root;
+    let mut exclusive = true;
+    for _ in 0..MAX_DEPTH {
+        exclusive &= tm.count(b) == 1;
+        let n = tm.peek_node(b)?;
+        if n.is_leaf() {
+            if n.value_size != 8 {
+                return None;
+            }
+            return Some(n.find(key).map(|i| (n.value_u64(i), exclusive)));
+        }
+        if n.is_empty() {
+            return None;
+        }
+        match n.lower_bound(key) {
+            Some(i) => b = n.child(i),
+            None => return Some(None),
+        }
+    }
+    None
+}
+
+/// `lookup_u64` for a shared lock; see `peek_u64_exclusive`.
+#[inline]
+pub(crate) fn peek_u64(tm: &Tm, root: MetaBlock, key: u64) -> Option<Option<u64>> {
+    let mut b = root;
+    for _ in 0..MAX_DEPTH {
+        let n = tm.peek_node(b)?;
+        if n.is_leaf() {
+            if n.value_size != 8 {
+                return None;
+            }
+            return Some(n.find(key).map(|i| n.value_u64(i)));
+        }
+        if n.is_empty() {
+            return None;
+        }
+        match n.lower_bound(key) {
+            Some(i) => b = n.child(i),
+            None => return Some(None),
+        }
+    }
+    None
 }
 
 /// Visit every (key, value) with lo <= key < hi in key order.

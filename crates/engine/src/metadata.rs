@@ -11,6 +11,7 @@
 //! 6. write the superblock (one sector), flush — the commit point.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thinvol_format::bitmap::{self, ENTRIES_PER_BITMAP};
@@ -26,7 +27,7 @@ use crate::btree;
 use crate::error::{io_err, Error, Result, SpaceKind};
 use crate::space_map::SpaceMap;
 use crate::storage::Storage;
-use crate::tm::{load_chunk, pack_metadata_index, DataChunks, NoRc, Tm, ValueOps};
+use crate::tm::{load_chunk, pack_metadata_index, BlockMap, DataChunks, NoRc, Tm, ValueOps};
 
 /// Bottom-level mapping leaves: values are block_time, each holding one data reference.
 pub(crate) struct BlockTimeRc<'a> {
@@ -70,6 +71,70 @@ pub(crate) fn u64_of(v: &[u8]) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
+/// Recently looked-up mappings of one device, direct-mapped by virtual block: the
+/// read path's shortcut past the B-tree (a lookup there touches one cache line, a
+/// B-tree lookup a dozen). Exact, never stale: entries are filled from the tree and
+/// changed or dropped by every operation that changes the device's mappings (see
+/// `Metadata::mcache`).
+///
+/// Entry: 0 = empty; else bit 63 set, bits 40..63 = `vblock >> bits` (the tag), bits
+/// 0..40 = data block. One word, so lookups and fills under the shared metadata lock
+/// are plain atomic loads and stores and never see half an entry.
+struct MapCache {
+    slots: Box<[AtomicU64]>,
+    bits: u32,
+}
+
+const MC_VALID: u64 = 1 << 63;
+const MC_TAG_BITS: u32 = 23;
+const MC_BLOCK_MASK: u64 = (1 << 40) - 1;
+const MC_MIN_BITS: u32 = 10;
+const MC_MAX_BITS: u32 = 20;
+/// All devices' caches together hold at most this many entries (64 MiB).
+const MC_BUDGET: usize = 1 << 23;
+
+impl MapCache {
+    fn new(bits: u32) -> Self {
+        MapCache {
+            slots: (0..1usize << bits).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
+    }
+
+    /// Slot index and tag of `vb`; None when the tag does not fit (not cached).
+    #[inline]
+    fn slot(&self, vb: u64) -> Option<(usize, u64)> {
+        let tag = vb >> self.bits;
+        if tag >= 1 << MC_TAG_BITS {
+            return None;
+        }
+        Some(((vb & ((1 << self.bits) - 1)) as usize, tag))
+    }
+
+    #[inline]
+    fn get(&self, vb: u64) -> Option<DataBlock> {
+        let (i, tag) = self.slot(vb)?;
+        let e = self.slots[i].load(Ordering::Relaxed);
+        let hit = e & MC_VALID != 0 && (e >> 40) & ((1 << MC_TAG_BITS) - 1) == tag;
+        hit.then_some(DataBlock(e & MC_BLOCK_MASK))
+    }
+
+    #[inline]
+    fn put(&self, vb: u64, b: DataBlock) {
+        if let Some((i, tag)) = self.slot(vb) {
+            if b.0 <= MC_BLOCK_MASK {
+                self.slots[i].store(MC_VALID | tag << 40 | b.0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn forget(&self, vb: u64) {
+        if let Some((i, _)) = self.slot(vb) {
+            self.slots[i].store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Result of a mapping lookup for a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mapped {
@@ -88,6 +153,20 @@ pub(crate) struct Metadata {
     details_deleted: BTreeSet<u64>,
     /// Something changed since the last commit.
     pub changed: bool,
+    /// Bottom-tree root of devices looked up since their last change: a copy of the
+    /// top-level tree's value, so lookups skip the top-level tree. Exact: every change
+    /// of a top-level value goes through a method below that updates or drops the
+    /// entry (`insert_mapping`, `remove_mapping`, `create_*`, `delete`); debug builds
+    /// compare it with the tree on every use under the exclusive lock.
+    roots: BlockMap<MetaBlock>,
+    /// Per-device mapping caches (`MapCache`), created by the first read of a device
+    /// under the exclusive lock (`None`: no room within `MC_BUDGET`, the device is
+    /// read through the tree alone), filled by lookups (also under the shared lock),
+    /// updated by `insert_mapping` / `remove_mapping`, dropped by `create_*` and
+    /// `delete`. Debug builds check every hit against the tree.
+    mcache: BlockMap<Option<MapCache>>,
+    /// Entries in all of `mcache` (bounded by `MC_BUDGET`).
+    mcache_slots: usize,
     pub data_block_bytes: u64,
 }
 
@@ -129,6 +208,9 @@ impl Metadata {
             details_dirty: BTreeSet::new(),
             details_deleted: BTreeSet::new(),
             changed: true,
+            roots: BlockMap::default(),
+            mcache: BlockMap::default(),
+            mcache_slots: 0,
             data_block_bytes: u64::from(data_block_sectors) * 512,
         };
         md.commit(data)?;
@@ -265,6 +347,9 @@ impl Metadata {
             details_dirty: BTreeSet::new(),
             details_deleted: BTreeSet::new(),
             changed: false,
+            roots: BlockMap::default(),
+            mcache: BlockMap::default(),
+            mcache_slots: 0,
         })
     }
 
@@ -291,8 +376,19 @@ impl Metadata {
     }
 
     fn bottom_root(&mut self, id: ThinId) -> Result<MetaBlock> {
+        if let Some(&r) = self.roots.get(&id.0) {
+            if cfg!(debug_assertions) {
+                if let Ok(v) = btree::lookup_u64(&mut self.tm, self.sb.data_mapping_root, id.0) {
+                    assert_eq!(v, Some(r.0), "cached bottom root of device {id} is stale");
+                }
+            }
+            return Ok(r);
+        }
         match btree::lookup_u64(&mut self.tm, self.sb.data_mapping_root, id.0)? {
-            Some(v) => Ok(MetaBlock(v)),
+            Some(v) => {
+                self.roots.insert(id.0, MetaBlock(v));
+                Ok(MetaBlock(v))
+            }
             None => Err(Error::NoSuchDevice(id)),
         }
     }
@@ -307,6 +403,8 @@ impl Metadata {
             return Err(Error::DeviceExists(id));
         }
         self.ensure_metadata_space()?;
+        self.roots.remove(&id.0);
+        self.mcache_drop(id);
         let root = btree::empty(&mut self.tm, 8)?;
         let (nr, old) = btree::insert(
             &mut self.tm,
@@ -360,6 +458,8 @@ impl Metadata {
             self.ensure_metadata_space()?;
         }
         let root = self.bottom_root(origin)?;
+        self.roots.remove(&id.0);
+        self.mcache_drop(id);
         self.tm.inc(root)?;
         let (nr, _) = btree::insert(
             &mut self.tm,
@@ -392,6 +492,8 @@ impl Metadata {
         if !self.exists(id) {
             return Err(Error::NoSuchDevice(id));
         }
+        self.roots.remove(&id.0);
+        self.mcache_drop(id);
         let (nr, old) = btree::remove(
             &mut self.tm,
             &mut SubtreeRc { dsm: &mut self.dsm },
@@ -435,6 +537,8 @@ impl Metadata {
                 // last snapshotted is shared.
                 let snapshotted = self.details.get(&id.0).map_or(0, |d| d.snapshotted_time);
                 let fresh = bt.time >= snapshotted;
+                // `count` above checked that `b` is on the data device.
+                self.mcache_put(id, vb, b);
                 Ok(if path_exclusive && data_exclusive && fresh {
                     Mapped::Exclusive(b)
                 } else {
@@ -446,6 +550,168 @@ impl Metadata {
 
     pub fn data_block_refs(&mut self, b: DataBlock) -> Result<u32> {
         self.dsm.count(b.0, &mut DataChunks { tm: &mut self.tm })
+    }
+
+    /// Current reference count of data block `b` if its space map chunk is loaded.
+    fn data_count_resident(&self, b: u64) -> Option<u32> {
+        if b >= self.dsm.nr_blocks {
+            return None;
+        }
+        let per = ENTRIES_PER_BITMAP;
+        self.dsm
+            .chunk_counts((b / per) as usize)
+            .and_then(|c| c.get((b % per) as usize).copied())
+    }
+
+    /// `lookup_for_write` under a shared lock: from dirty and cached nodes and loaded
+    /// space map chunks only. `None` when that is not enough (or something is wrong):
+    /// the caller then calls `lookup_for_write` under the exclusive lock.
+    pub fn lookup_for_write_shared(&self, id: ThinId, vb: VBlock) -> Option<Mapped> {
+        let (root, top_exclusive) =
+            btree::peek_u64_exclusive(&self.tm, self.sb.data_mapping_root, id.0)??;
+        if cfg!(debug_assertions) {
+            if let Some(&r) = self.roots.get(&id.0) {
+                assert_eq!(r.0, root, "cached bottom root of device {id} is stale");
+            }
+        }
+        match btree::peek_u64_exclusive(&self.tm, MetaBlock(root), vb.0)? {
+            None => Some(Mapped::Unmapped),
+            Some((v, bottom_exclusive)) => {
+                let bt = BlockTime::unpack(v);
+                // None also when the block is beyond the data device.
+                let data_exclusive = self.data_count_resident(bt.block.0)? == 1;
+                let snapshotted = self.details.get(&id.0).map_or(0, |d| d.snapshotted_time);
+                let fresh = bt.time >= snapshotted;
+                // The caller holds the block's stripe exclusively: the mapping is
+                // current, and any change to it updates the cache (`insert_mapping`).
+                self.mcache_put(id, vb, bt.block);
+                // Same rule as `lookup_for_write`.
+                Some(
+                    if top_exclusive && bottom_exclusive && data_exclusive && fresh {
+                        Mapped::Exclusive(bt.block)
+                    } else {
+                        Mapped::Shared(bt.block)
+                    },
+                )
+            }
+        }
+    }
+
+    /// The data block of `vb` for a read, under a shared lock: the device's mapping
+    /// cache, else the B-tree from the cached bottom root through dirty and cached
+    /// nodes only (filling the mapping cache). `None` when that is not enough (root not
+    /// cached, a node not in memory, anything wrong): the caller then calls
+    /// `lookup_block` under the exclusive lock, which reads what is missing and
+    /// reports any error.
+    #[inline]
+    pub fn lookup_block_shared(&self, id: ThinId, vb: VBlock) -> Option<Option<DataBlock>> {
+        // No decision about a cache for this device yet: the exclusive path makes it.
+        let cache = self.mcache.get(&id.0)?.as_ref();
+        if let Some(b) = cache.and_then(|c| c.get(vb.0)) {
+            if cfg!(debug_assertions) {
+                self.check_cached(id, vb, b);
+            }
+            return Some(Some(b));
+        }
+        let root = *self.roots.get(&id.0)?;
+        if cfg!(debug_assertions) {
+            if let Some(Some(r)) = btree::peek_u64(&self.tm, self.sb.data_mapping_root, id.0) {
+                assert_eq!(r, root.0, "cached bottom root of device {id} is stale");
+            }
+        }
+        let Some(v) = btree::peek_u64(&self.tm, root, vb.0)? else {
+            return Some(None);
+        };
+        let b = BlockTime::unpack(v).block;
+        if b.0 >= self.dsm.nr_blocks {
+            return None;
+        }
+        if let Some(c) = cache {
+            c.put(vb.0, b);
+        }
+        Some(Some(b))
+    }
+
+    /// `lookup` for a read, under the exclusive lock: also creates the device's
+    /// mapping cache and fills the entry.
+    pub fn lookup_block(&mut self, id: ThinId, vb: VBlock) -> Result<Option<DataBlock>> {
+        let Some(bt) = self.lookup(id, vb)? else {
+            return Ok(None);
+        };
+        if cfg!(debug_assertions) {
+            if let Some(b) = self.mcache_of(id).and_then(|c| c.get(vb.0)) {
+                assert_eq!(b, bt.block, "mapping cache of device {id} is stale at {vb}");
+            }
+        }
+        self.mcache_ensure(id);
+        self.mcache_put(id, vb, bt.block);
+        Ok(Some(bt.block))
+    }
+
+    /// Debug builds: a mapping cache hit must agree with the tree (when the tree can
+    /// be read without I/O).
+    fn check_cached(&self, id: ThinId, vb: VBlock, b: DataBlock) {
+        let Some(&root) = self.roots.get(&id.0) else {
+            return;
+        };
+        if let Some(v) = btree::peek_u64(&self.tm, root, vb.0) {
+            assert_eq!(
+                v.map(|v| BlockTime::unpack(v).block),
+                Some(b),
+                "mapping cache of device {id} is stale at {vb}"
+            );
+        }
+    }
+
+    fn mcache_of(&self, id: ThinId) -> Option<&MapCache> {
+        self.mcache.get(&id.0).and_then(Option::as_ref)
+    }
+
+    fn mcache_put(&self, id: ThinId, vb: VBlock, b: DataBlock) {
+        if let Some(c) = self.mcache_of(id) {
+            c.put(vb.0, b);
+        }
+    }
+
+    fn mcache_forget(&mut self, id: ThinId, vb: VBlock) {
+        if let Some(c) = self.mcache_of(id) {
+            c.forget(vb.0);
+        }
+    }
+
+    fn mcache_drop(&mut self, id: ThinId) {
+        if let Some(Some(c)) = self.mcache.remove(&id.0) {
+            self.mcache_slots -= c.slots.len();
+            // Room again: devices refused a cache get another chance.
+            self.mcache.retain(|_, c| c.is_some());
+        }
+    }
+
+    /// Give `id` a mapping cache sized for its mapped blocks (a direct map for devices
+    /// of up to 2^20 blocks), growing one that became too small, within `MC_BUDGET`
+    /// for all devices together (no room: `None`, reads use the tree alone).
+    fn mcache_ensure(&mut self, id: ThinId) {
+        let mapped = self.details.get(&id.0).map_or(0, |d| d.mapped_blocks);
+        let want = mapped
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros()
+            .clamp(MC_MIN_BITS, MC_MAX_BITS);
+        let have = match self.mcache.get(&id.0) {
+            Some(Some(c)) if c.bits + 1 >= want => return,
+            Some(Some(c)) => c.slots.len(),
+            Some(None) => return,
+            None => 0,
+        };
+        let n = 1usize << want;
+        if self.mcache_slots - have + n > MC_BUDGET {
+            if have == 0 {
+                self.mcache.insert(id.0, None);
+            }
+            return;
+        }
+        self.mcache_slots = self.mcache_slots - have + n;
+        self.mcache.insert(id.0, Some(MapCache::new(want)));
     }
 
     pub fn lookup(&mut self, id: ThinId, vb: VBlock) -> Result<Option<BlockTime>> {
@@ -477,6 +743,8 @@ impl Metadata {
         vb: VBlock,
         block: DataBlock,
     ) -> Result<Option<DataBlock>> {
+        self.roots.remove(&id.0);
+        self.mcache_forget(id, vb);
         let Some((top, leaf, idx)) = btree::shadow_to(
             &mut self.tm,
             &mut SubtreeRc { dsm: &mut self.dsm },
@@ -500,6 +768,7 @@ impl Metadata {
             &bt.pack().to_le_bytes(),
         )?;
         self.tm.node_mut(leaf).set_value_u64(idx, nr.0);
+        self.roots.insert(id.0, nr);
         self.dsm
             .inc(block.0, &mut DataChunks { tm: &mut self.tm })?;
         let old = old.map(|v| BlockTime::unpack(u64_of(&v)).block);
@@ -509,6 +778,7 @@ impl Metadata {
             d.mapped_blocks += 1;
         }
         self.touch(id.0);
+        self.mcache_put(id, vb, block);
         Ok(old)
     }
 
@@ -525,6 +795,8 @@ impl Metadata {
             id.0,
         )?
         .ok_or(Error::NoSuchDevice(id))?;
+        self.roots.remove(&id.0);
+        self.mcache_forget(id, vb);
         self.sb.data_mapping_root = top;
         let root = MetaBlock(self.tm.node_mut(leaf).value_u64(idx));
         let (nr, old) = btree::remove(
@@ -534,6 +806,7 @@ impl Metadata {
             vb.0,
         )?;
         self.tm.node_mut(leaf).set_value_u64(idx, nr.0);
+        self.roots.insert(id.0, nr);
         let old = old.map(|v| BlockTime::unpack(u64_of(&v)).block);
         if let Some(o) = old {
             self.dsm.dec(o.0, &mut DataChunks { tm: &mut self.tm })?;

@@ -1,25 +1,32 @@
 //! The public pool: thin device management, byte-addressed data I/O and the commit
 //! schedule.
 //!
-//! Locking (outermost first): a pool-wide I/O gate (I/O shares it; snapshot and delete
-//! take it exclusively — both are O(1) — so a snapshot contains exactly the writes
-//! completed before it),
-//! a striped per-(device, virtual block) RwLock (a write or discard of a block excludes
-//! reads and other writes of that block, so two writers never both provision it and a
-//! read never sees a half-written block), then the metadata mutex, held only for
-//! metadata lookups and updates — data I/O runs outside it.
+//! Locking (outermost first):
+//! 1. a pool-wide I/O gate: writes and discards hold it shared; snapshot takes it
+//!    exclusively (O(1)), so a snapshot contains exactly the writes completed before
+//!    it; delete and `transaction` take it exclusively *and* every stripe (below), so
+//!    they also wait for in-flight reads (a read must never see its block freed and
+//!    reused by another device). Sharded per thread, so concurrent writers do not
+//!    contend on one lock word. Reads do not take it.
+//! 2. a striped per-(device, virtual block) RwLock (a write or discard of a block
+//!    excludes reads and other writes of that block, so two writers never both
+//!    provision it and a read never sees a half-written block);
+//! 3. the metadata lock, held only for metadata lookups and updates — data I/O runs
+//!    outside it. A RwLock: lookups answered from memory (the mapping cache, cached
+//!    nodes) take it shared; anything that changes metadata or must read a node from
+//!    the device takes it exclusively.
 //!
 //! Durability: a write is durable once `flush` (or `commit`) returns. Data of a newly
 //! provisioned block is written before the mapping is inserted, and every commit flushes
 //! the data device before it writes metadata.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use thinvol_format::{DataBlock, DataBlockSize, MetaBlock, ThinId, VBlock, METADATA_BLOCK_SIZE};
 
 use crate::error::{io_err, Error, Result};
@@ -31,6 +38,76 @@ pub const METADATA_FILE: &str = "metadata";
 pub const DATA_FILE: &str = "data";
 
 const STRIPES: usize = 4096;
+
+/// Shards of the I/O gate.
+const GATE_SHARDS: usize = 16;
+
+/// One shard of the I/O gate, alone in its cache lines.
+#[repr(align(128))]
+struct GateShard(RwLock<()>);
+
+/// The pool-wide I/O gate and the block stripes (see the module doc). A writer takes
+/// only its thread's gate shard, so concurrent writers do not bounce one lock word
+/// between CPUs; exclusive use locks every shard, in order.
+struct IoGate {
+    shards: Box<[GateShard]>,
+    stripes: Box<[RwLock<()>]>,
+}
+
+/// The gate held exclusively: every shard, and for `write` every stripe too.
+struct IoGateWrite<'a> {
+    _shards: Vec<RwLockWriteGuard<'a, ()>>,
+    _stripes: Vec<RwLockWriteGuard<'a, ()>>,
+}
+
+static NEXT_GATE_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's gate shard, handed out round-robin.
+    static GATE_SHARD: usize = NEXT_GATE_SHARD.fetch_add(1, Ordering::Relaxed) % GATE_SHARDS;
+}
+
+impl IoGate {
+    fn new() -> Self {
+        IoGate {
+            shards: (0..GATE_SHARDS)
+                .map(|_| GateShard(RwLock::new(())))
+                .collect(),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        }
+    }
+
+    /// Shared, for a write or discard.
+    #[inline]
+    fn read(&self) -> RwLockReadGuard<'_, ()> {
+        let i = GATE_SHARD.with(|s| *s);
+        self.shards[i].0.read()
+    }
+
+    /// Exclusive against writes and discards (not reads): snapshots.
+    fn block_writes(&self) -> IoGateWrite<'_> {
+        IoGateWrite {
+            _shards: self.shards.iter().map(|s| s.0.write()).collect(),
+            _stripes: Vec::new(),
+        }
+    }
+
+    /// Exclusive against all I/O, reads included: delete, `transaction`.
+    fn write(&self) -> IoGateWrite<'_> {
+        let shards = self.shards.iter().map(|s| s.0.write()).collect();
+        IoGateWrite {
+            _shards: shards,
+            _stripes: self.stripes.iter().map(|s| s.write()).collect(),
+        }
+    }
+
+    #[inline]
+    fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
+        let h = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vb.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+            as usize;
+        &self.stripes[h % STRIPES]
+    }
+}
 
 /// Parameters of a new pool.
 #[derive(Clone, Debug)]
@@ -99,12 +176,11 @@ struct State {
 }
 
 struct Inner {
-    state: Mutex<State>,
+    state: RwLock<State>,
     data: Arc<dyn Storage>,
     block_bytes: u64,
-    stripes: Box<[RwLock<()>]>,
-    /// I/O holds it shared; snapshot and delete take it exclusively (see module doc).
-    io_gate: RwLock<()>,
+    /// The I/O gate and the block stripes (see module doc).
+    io_gate: IoGate,
     stop: AtomicBool,
     committer: Mutex<Option<JoinHandle<()>>>,
     commit_interval: Duration,
@@ -276,15 +352,14 @@ impl Pool {
     ) -> Pool {
         let block_bytes = md.data_block_bytes;
         let inner = Arc::new(Inner {
-            state: Mutex::new(State {
+            state: RwLock::new(State {
                 md,
                 poisoned: None,
                 first_dirty: None,
             }),
             data,
             block_bytes,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            io_gate: RwLock::new(()),
+            io_gate: IoGate::new(),
             stop: AtomicBool::new(false),
             committer: Mutex::new(None),
             commit_interval,
@@ -312,7 +387,7 @@ impl Pool {
         self.inner.block_bytes
     }
 
-    fn writable_state(&self) -> Result<MutexGuard<'_, State>> {
+    fn writable_state(&self) -> Result<RwLockWriteGuard<'_, State>> {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
@@ -323,8 +398,19 @@ impl Pool {
         self.inner.read_only
     }
 
-    fn state(&self) -> Result<MutexGuard<'_, State>> {
-        let st = self.inner.state.lock();
+    /// The metadata state, exclusively.
+    fn state(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        let st = self.inner.state.write();
+        if let Some(p) = &st.poisoned {
+            return Err(Error::Poisoned(p.clone()));
+        }
+        Ok(st)
+    }
+
+    /// The metadata state, shared: for lookups that need no change (see module doc).
+    #[inline]
+    fn state_shared(&self) -> Result<RwLockReadGuard<'_, State>> {
+        let st = self.inner.state.read();
         if let Some(p) = &st.poisoned {
             return Err(Error::Poisoned(p.clone()));
         }
@@ -356,10 +442,9 @@ impl Pool {
         r
     }
 
+    #[inline]
     fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
-        let h = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vb.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
-            as usize;
-        &self.inner.stripes[h % STRIPES]
+        self.inner.io_gate.stripe(id, vb)
     }
 
     // ---- thin devices ----
@@ -368,15 +453,15 @@ impl Pool {
         self.mutate(|md| md.create_thin(id))
     }
 
-    /// Snapshot `origin` as `id` in O(1). Waits for in-flight I/O on the origin.
+    /// Snapshot `origin` as `id` in O(1). Waits for in-flight writes.
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
-        let _g = self.inner.io_gate.write();
+        let _g = self.inner.io_gate.block_writes();
         self.mutate(|md| md.create_snap(id, origin))
     }
 
     /// Snapshot several devices in one metadata transaction: all or none.
     pub fn create_snaps(&self, pairs: &[(ThinId, ThinId)]) -> Result<()> {
-        let _g = self.inner.io_gate.write();
+        let _g = self.inner.io_gate.block_writes();
         // Validate everything and check the metadata reserve once, up front, so the
         // batch never half-applies (a later pair failing with NoSpace(Metadata) would
         // otherwise leave the earlier snapshots in the transaction).
@@ -405,6 +490,7 @@ impl Pool {
         })
     }
 
+    /// Delete a device. Waits for in-flight I/O, reads included (see module doc).
     pub fn delete_thin(&self, id: ThinId) -> Result<()> {
         let _g = self.inner.io_gate.write();
         self.mutate(|md| md.delete(id))
@@ -454,7 +540,8 @@ impl Pool {
 
     // ---- data I/O ----
 
-    fn segments(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
+    /// The per-block pieces (virtual block, offset in block, length) of a byte range.
+    fn segments(&self, offset: u64, len: u64) -> Result<impl Iterator<Item = (u64, u64, u64)>> {
         let bs = self.inner.block_bytes;
         let end = offset
             .checked_add(len)
@@ -464,16 +551,17 @@ impl Pool {
                 "range ends at byte {end}, beyond the largest thin device"
             )));
         }
-        let mut v = Vec::new();
         let mut pos = offset;
-        while pos < end {
+        Ok(std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
             let vb = pos / bs;
             let off = pos % bs;
             let n = (bs - off).min(end - pos);
-            v.push((vb, off, n));
             pos += n;
-        }
-        Ok(v)
+            Some((vb, off, n))
+        }))
     }
 
     fn check_device(&self, id: ThinId) -> Result<()> {
@@ -486,7 +574,8 @@ impl Pool {
 
     /// Read `buf.len()` bytes at byte `offset`; unmapped ranges read as zeros.
     pub fn read(&self, id: ThinId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let _g = self.inner.io_gate.read();
+        // No I/O gate: the stripe is enough (delete and `transaction` take every
+        // stripe; a snapshot changes nothing a read sees).
         if buf.is_empty() {
             // Non-empty reads check the device in their first lookup.
             self.check_device(id)?;
@@ -497,14 +586,19 @@ impl Pool {
             let seg = &mut buf[done..done + n as usize];
             done += n as usize;
             let _s = self.stripe(id, vb).read();
-            let m = self.state()?.md.lookup(id, VBlock(vb))?;
+            // Shared metadata lock when the lookup can be answered from memory.
+            let m = self.state_shared()?.md.lookup_block_shared(id, VBlock(vb));
+            let m = match m {
+                Some(m) => m,
+                None => self.state()?.md.lookup_block(id, VBlock(vb))?,
+            };
             match m {
                 None => seg.fill(0),
-                Some(bt) => self
+                Some(b) => self
                     .inner
                     .data
-                    .read_at(seg, bt.block.0 * bs + off)
-                    .map_err(|e| io_err(format!("data block {}", bt.block.0))(e))?,
+                    .read_at(seg, b.0 * bs + off)
+                    .map_err(|e| io_err(format!("data block {}", b.0))(e))?,
             }
         }
         Ok(())
@@ -578,7 +672,14 @@ impl Pool {
     ) -> Result<()> {
         let bs = self.inner.block_bytes;
         let _s = self.stripe(id, vb).write();
-        let m = self.writable_state()?.md.lookup_for_write(id, VBlock(vb))?;
+        let m = self
+            .state_shared()?
+            .md
+            .lookup_for_write_shared(id, VBlock(vb));
+        let m = match m {
+            Some(m) => m,
+            None => self.writable_state()?.md.lookup_for_write(id, VBlock(vb))?,
+        };
         let io = &self.inner.data;
         match (m, data) {
             (Mapped::Exclusive(b), Some(d)) => {
@@ -637,7 +738,7 @@ impl Pool {
             }
             io.write_at(&blk, nb.0 * bs)
         })();
-        let mut st = self.inner.state.lock();
+        let mut st = self.inner.state.write();
         st.md.unreserve_data_block(nb);
         drop(st);
         r.map_err(|e| io_err(format!("data block {}", nb.0))(e))?;
@@ -789,7 +890,7 @@ fn committer(weak: Weak<Inner>, tick: Duration) {
         }
         let pool = Pool { inner };
         let due = {
-            let st = pool.inner.state.lock();
+            let st = pool.inner.state.read();
             st.poisoned.is_none()
                 && st
                     .first_dirty

@@ -9,6 +9,7 @@
 //! * Nothing is written to the metadata device before commit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thinvol_format::btree_node::Node;
@@ -71,7 +72,9 @@ pub(crate) type BlockMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Bloc
 
 struct CacheEntry {
     node: Arc<Node>,
-    used: u64,
+    /// Last `tick` at which the node was used. Atomic so that lookups under a shared
+    /// lock (`peek_node`) can refresh it too.
+    used: AtomicU64,
 }
 
 pub(crate) struct Tm {
@@ -105,6 +108,13 @@ impl Tm {
 
     /// Read a raw committed block, checking the location is inside the device.
     pub fn read_raw(&self, b: MetaBlock) -> Result<Box<Block>> {
+        let mut buf = zeroed_block();
+        self.read_raw_into(b, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Read a committed block into `buf`, checking the location like `read_raw`.
+    pub fn read_raw_into(&self, b: MetaBlock, buf: &mut Block) -> Result<()> {
         if b.0 >= self.msm.nr_blocks.max(1) {
             return Err(Error::Inconsistent {
                 block: b,
@@ -114,62 +124,89 @@ impl Tm {
                 ),
             });
         }
-        let mut buf = zeroed_block();
         self.store
             .read_at(&mut buf[..], b.0 * METADATA_BLOCK_SIZE as u64)
-            .map_err(|e| io_err(format!("metadata block {}", b.0))(e))?;
-        Ok(buf)
+            .map_err(|e| io_err(format!("metadata block {}", b.0))(e))
     }
 
     /// Read and validate a node. `leaf_vs` is the tree's leaf value size.
     pub fn read_node(&mut self, b: MetaBlock, leaf_vs: u32) -> Result<Arc<Node>> {
+        self.node_arc(b, leaf_vs).cloned()
+    }
+
+    /// Like `read_node`, borrowing the node instead of sharing it (no reference count
+    /// traffic on lookups).
+    #[inline]
+    pub fn node(&mut self, b: MetaBlock, leaf_vs: u32) -> Result<&Node> {
+        self.node_arc(b, leaf_vs).map(|n| &**n)
+    }
+
+    fn node_arc(&mut self, b: MetaBlock, leaf_vs: u32) -> Result<&Arc<Node>> {
         if let Some(d) = self.dirty.get(&b.0) {
             return match d {
-                Dirty::Node(n) => Ok(n.clone()),
-                Dirty::Raw(_) => Err(Error::Inconsistent {
-                    block: b,
-                    reason: "expected a btree node, found a space map block".into(),
-                }),
+                Dirty::Node(n) => Ok(n),
+                Dirty::Raw(_) => Err(not_a_node(b)),
             };
         }
         self.tick += 1;
         let tick = self.tick;
-        if let Some(e) = self.cache.get_mut(&b.0) {
-            e.used = tick;
-            let n = e.node.clone();
-            if n.is_leaf() && n.value_size != leaf_vs {
-                return Err(thinvol_format::FormatError::new(
-                    b,
-                    thinvol_format::checksum::BlockKind::BtreeNode,
-                    thinvol_format::NodeError::ValueSizeMismatch {
-                        found: n.value_size,
-                        expected: leaf_vs,
-                    },
-                )
-                .into());
-            }
-            return Ok(n);
+        if !self.cache.contains_key(&b.0) {
+            let raw = self.read_raw(b)?;
+            let node = Arc::new(Node::unpack(&raw, b, Some(leaf_vs))?);
+            Self::cache_insert_in(&mut self.cache, self.cache_capacity, tick, b.0, node);
+            // Just validated with `leaf_vs`.
+            return Ok(&self.cache[&b.0].node);
         }
-        let raw = self.read_raw(b)?;
-        let node = Arc::new(Node::unpack(&raw, b, Some(leaf_vs))?);
-        self.cache_insert(b.0, node.clone());
-        Ok(node)
+        let e = self.cache.get_mut(&b.0).expect("checked above");
+        *e.used.get_mut() = tick;
+        check_leaf_vs(&e.node, b, leaf_vs)?;
+        Ok(&e.node)
+    }
+
+    /// A node that is dirty or cached, for lookups under a shared lock: no I/O, no
+    /// cache change other than the recency mark. None when the node would have to be
+    /// read (or is not a node); the caller then uses `read_node` under an exclusive
+    /// lock, which also reports any error.
+    #[inline]
+    pub fn peek_node(&self, b: MetaBlock) -> Option<&Node> {
+        // A block is never both cached and dirty: `alloc` evicts it from the cache
+        // before it becomes dirty, and `read_node` caches only blocks that are not.
+        if let Some(e) = self.cache.get(&b.0) {
+            if e.used.load(Ordering::Relaxed) != self.tick {
+                e.used.store(self.tick, Ordering::Relaxed);
+            }
+            return Some(&e.node);
+        }
+        match self.dirty.get(&b.0) {
+            Some(Dirty::Node(n)) => Some(n),
+            _ => None,
+        }
     }
 
     fn cache_insert(&mut self, b: u64, node: Arc<Node>) {
-        if self.cache.len() >= self.cache_capacity {
+        Self::cache_insert_in(&mut self.cache, self.cache_capacity, self.tick, b, node);
+    }
+
+    fn cache_insert_in(
+        cache: &mut BlockMap<CacheEntry>,
+        capacity: usize,
+        tick: u64,
+        b: u64,
+        node: Arc<Node>,
+    ) {
+        if cache.len() >= capacity {
             // Drop the older half: amortised O(1) per insert.
-            let mut ticks: Vec<u64> = self.cache.values().map(|e| e.used).collect();
+            let mut ticks: Vec<u64> = cache.values_mut().map(|e| *e.used.get_mut()).collect();
             let mid = ticks.len() / 2;
             let (_, cut, _) = ticks.select_nth_unstable(mid);
             let cut = *cut;
-            self.cache.retain(|_, e| e.used > cut);
+            cache.retain(|_, e| *e.used.get_mut() > cut);
         }
-        self.cache.insert(
+        cache.insert(
             b,
             CacheEntry {
                 node,
-                used: self.tick,
+                used: AtomicU64::new(tick),
             },
         );
     }
@@ -292,6 +329,31 @@ impl Tm {
             }
         }
     }
+}
+
+fn not_a_node(b: MetaBlock) -> Error {
+    Error::Inconsistent {
+        block: b,
+        reason: "expected a btree node, found a space map block".into(),
+    }
+}
+
+/// A cached node was validated with the value size of the tree that first read it;
+/// a different tree reaching it must agree (`read_node` for a block read anew checks
+/// this in `Node::unpack`).
+fn check_leaf_vs(n: &Node, b: MetaBlock, leaf_vs: u32) -> Result<()> {
+    if n.is_leaf() && n.value_size != leaf_vs {
+        return Err(thinvol_format::FormatError::new(
+            b,
+            thinvol_format::checksum::BlockKind::BtreeNode,
+            thinvol_format::NodeError::ValueSizeMismatch {
+                found: n.value_size,
+                expected: leaf_vs,
+            },
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Loads data space map chunks through the metadata device.
