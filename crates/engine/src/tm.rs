@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use thinvol_format::btree_node::Node;
+use thinvol_format::btree_node::{Node, NodeRef};
 use thinvol_format::{bitmap, metadata_index, zeroed_block, Block, MetaBlock, METADATA_BLOCK_SIZE};
 
 use crate::error::{io_err, Error, Result, SpaceKind};
@@ -75,6 +75,23 @@ struct CacheEntry {
     /// Last `tick` at which the node was used. Atomic so that lookups under a shared
     /// lock (`peek_node`) can refresh it too.
     used: AtomicU64,
+}
+
+/// A node as a read-only walk sees it: decoded (dirty or cached) or a view over bytes
+/// read from the device into the caller's buffer (nothing cached, nothing allocated).
+#[derive(Clone, Copy)]
+pub(crate) enum NodeView<'a> {
+    Decoded(&'a Node),
+    Raw(NodeRef<'a>),
+}
+
+impl NodeView<'_> {
+    pub fn is_leaf(&self) -> bool {
+        match self {
+            NodeView::Decoded(n) => n.is_leaf(),
+            NodeView::Raw(n) => n.is_leaf(),
+        }
+    }
 }
 
 pub(crate) struct Tm {
@@ -181,6 +198,30 @@ impl Tm {
             Some(Dirty::Node(n)) => Some(n),
             _ => None,
         }
+    }
+
+    /// A node for a read-only walk that may touch many nodes once (delta): dirty and
+    /// cached nodes are used as they are; any other is read into `buf` and validated
+    /// in place (exactly as `read_node` validates), without filling the cache with
+    /// nodes the walk will not need again.
+    pub fn view_node<'a>(
+        &'a self,
+        b: MetaBlock,
+        leaf_vs: u32,
+        buf: &'a mut Block,
+    ) -> Result<NodeView<'a>> {
+        if let Some(d) = self.dirty.get(&b.0) {
+            return match d {
+                Dirty::Node(n) => Ok(NodeView::Decoded(n)),
+                Dirty::Raw(_) => Err(not_a_node(b)),
+            };
+        }
+        if let Some(e) = self.cache.get(&b.0) {
+            check_leaf_vs(&e.node, b, leaf_vs)?;
+            return Ok(NodeView::Decoded(&e.node));
+        }
+        self.read_raw_into(b, buf)?;
+        Ok(NodeView::Raw(NodeRef::parse(buf, b, Some(leaf_vs))?))
     }
 
     fn cache_insert(&mut self, b: u64, node: Arc<Node>) {
