@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every thinvol benchmark once and print a summary of ratios and goals.
 #
-#   bench/run-all.sh            # full run (1.5-5 minutes on 2 cores, depending on load)
+#   bench/run-all.sh            # full run (10-40 minutes on 2 cores, depending on load:
+#                               # the 60,000-iteration soak is most of it)
 #   bench/run-all.sh --quick    # small sizes: checks that everything works (~1 minute)
 #
 # Environment: THINVOL_BENCH_DIR  directory for the scratch pools and files
@@ -37,6 +38,8 @@ if [ "$quick" = 1 ]; then
     "snapshot --mapped 1K,100K --snaps 10"
     "delta --mapped 20K,100K --changed 1000 --reps 2"
     "open --mapped 1K,100K --reps 3"
+    "soak --iters 3000"
+    "archive-cost --mapped 1K,20K --reps 3"
   )
 else
   runs=(
@@ -44,6 +47,8 @@ else
     "snapshot --mapped 1K,100K,1M --snaps 50"
     "delta --mapped 100K,1M,4M --changed 10000 --reps 9 --reps-large 3"
     "open --mapped 1K,1M --reps 10"
+    "soak --iters 60000"
+    "archive-cost --mapped 1K,100K,1M --reps 10"
   )
 fi
 

@@ -67,3 +67,30 @@ fn delta_small() {
         &["--mapped", "2K,5K", "--changed", "100", "--reps", "1"],
     );
 }
+
+#[test]
+fn soak_small() {
+    let out = run(
+        env!("CARGO_BIN_EXE_soak"),
+        &[
+            "--iters",
+            "300",
+            "--every",
+            "100",
+            "--clock-step",
+            "86400",
+            "--retain-days",
+            "2",
+        ],
+    );
+    assert!(out.contains("volume content intact: true"), "{out}");
+    assert!(out.contains("within retention met"), "{out}");
+}
+
+#[test]
+fn archive_cost_small() {
+    run(
+        env!("CARGO_BIN_EXE_archive-cost"),
+        &["--mapped", "100,2K", "--reps", "2"],
+    );
+}
