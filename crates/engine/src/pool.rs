@@ -20,6 +20,8 @@
 //! provisioned block is written before the mapping is inserted, and every commit flushes
 //! the data device before it writes metadata.
 
+use std::cell::UnsafeCell;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -63,8 +65,96 @@ struct IoGateWrite<'a> {
 static NEXT_GATE_SHARD: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// This thread's gate shard, handed out round-robin.
+    /// This thread's shard of the gate and of the metadata lock, handed out
+    /// round-robin.
     static GATE_SHARD: usize = NEXT_GATE_SHARD.fetch_add(1, Ordering::Relaxed) % GATE_SHARDS;
+}
+
+/// Shards of the metadata lock.
+const STATE_SHARDS: usize = 8;
+
+/// The metadata lock: a reader-writer lock whose readers lock only their thread's
+/// shard, so that lookups on different CPUs (every read does one) do not bounce one
+/// lock word between them; a writer locks every shard, in order. Writers are rare on
+/// the read path and infrequent on the write path (provisioning, commit).
+struct StateLock<T> {
+    shards: [GateShard; STATE_SHARDS],
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: `data` is reached only through the guards below: shared references while
+// one shard is read-locked, the mutable reference while every shard is write-locked,
+// so a mutable reference never coexists with any other reference (the usual RwLock
+// argument, with "locked" meaning "all shards" for writers). Hence the same bounds as
+// `RwLock<T>`.
+unsafe impl<T: Send> Send for StateLock<T> {}
+unsafe impl<T: Send + Sync> Sync for StateLock<T> {}
+
+struct StateRead<'a, T> {
+    _shard: RwLockReadGuard<'a, ()>,
+    data: &'a T,
+}
+
+struct StateWrite<'a, T> {
+    _shards: [RwLockWriteGuard<'a, ()>; STATE_SHARDS],
+    data: &'a mut T,
+}
+
+impl<T> StateLock<T> {
+    fn new(v: T) -> Self {
+        StateLock {
+            shards: std::array::from_fn(|_| GateShard(RwLock::new(()))),
+            data: UnsafeCell::new(v),
+        }
+    }
+
+    #[inline]
+    fn read(&self) -> StateRead<'_, T> {
+        let i = GATE_SHARD.with(|s| *s) % STATE_SHARDS;
+        let shard = self.shards[i].0.read();
+        // SAFETY: a shard is read-locked for the guard's lifetime, so no writer (which
+        // needs every shard) holds the mutable reference; see the `Sync` impl.
+        let data = unsafe { &*self.data.get() };
+        StateRead {
+            _shard: shard,
+            data,
+        }
+    }
+
+    fn write(&self) -> StateWrite<'_, T> {
+        let shards = std::array::from_fn(|i| self.shards[i].0.write());
+        // SAFETY: every shard is write-locked for the guard's lifetime: no reader and
+        // no other writer holds a reference; see the `Sync` impl.
+        let data = unsafe { &mut *self.data.get() };
+        StateWrite {
+            _shards: shards,
+            data,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut T {
+        self.data.get_mut()
+    }
+}
+
+impl<T> Deref for StateRead<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.data
+    }
+}
+
+impl<T> Deref for StateWrite<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.data
+    }
+}
+
+impl<T> DerefMut for StateWrite<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.data
+    }
 }
 
 impl IoGate {
@@ -176,7 +266,7 @@ struct State {
 }
 
 struct Inner {
-    state: RwLock<State>,
+    state: StateLock<State>,
     data: Arc<dyn Storage>,
     block_bytes: u64,
     /// The I/O gate and the block stripes (see module doc).
@@ -352,7 +442,7 @@ impl Pool {
     ) -> Pool {
         let block_bytes = md.data_block_bytes;
         let inner = Arc::new(Inner {
-            state: RwLock::new(State {
+            state: StateLock::new(State {
                 md,
                 poisoned: None,
                 first_dirty: None,
@@ -387,7 +477,7 @@ impl Pool {
         self.inner.block_bytes
     }
 
-    fn writable_state(&self) -> Result<RwLockWriteGuard<'_, State>> {
+    fn writable_state(&self) -> Result<StateWrite<'_, State>> {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
@@ -399,7 +489,7 @@ impl Pool {
     }
 
     /// The metadata state, exclusively.
-    fn state(&self) -> Result<RwLockWriteGuard<'_, State>> {
+    fn state(&self) -> Result<StateWrite<'_, State>> {
         let st = self.inner.state.write();
         if let Some(p) = &st.poisoned {
             return Err(Error::Poisoned(p.clone()));
@@ -409,7 +499,7 @@ impl Pool {
 
     /// The metadata state, shared: for lookups that need no change (see module doc).
     #[inline]
-    fn state_shared(&self) -> Result<RwLockReadGuard<'_, State>> {
+    fn state_shared(&self) -> Result<StateRead<'_, State>> {
         let st = self.inner.state.read();
         if let Some(p) = &st.poisoned {
             return Err(Error::Poisoned(p.clone()));
@@ -421,6 +511,11 @@ impl Pool {
     /// poison the pool (the device still holds the last commit).
     fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
         let mut st = self.writable_state()?;
+        Self::mutate_locked(&mut st, f)
+    }
+
+    /// `mutate` with the state already locked exclusively (and not poisoned).
+    fn mutate_locked<T>(st: &mut State, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
         let r = f(&mut st.md);
         match &r {
             Ok(_) => {
@@ -738,11 +833,16 @@ impl Pool {
             }
             io.write_at(&blk, nb.0 * bs)
         })();
+        // Unreserve and map in one exclusive section.
         let mut st = self.inner.state.write();
         st.md.unreserve_data_block(nb);
-        drop(st);
         r.map_err(|e| io_err(format!("data block {}", nb.0))(e))?;
-        self.mutate(|md| md.insert_mapping(id, VBlock(vb), nb).map(|_| ()))
+        if let Some(p) = &st.poisoned {
+            return Err(Error::Poisoned(p.clone()));
+        }
+        Self::mutate_locked(&mut st, |md| {
+            md.insert_mapping(id, VBlock(vb), nb).map(|_| ())
+        })
     }
 
     // ---- transactions ----
