@@ -10,11 +10,14 @@
 //!    contend on one lock word. Reads do not take it.
 //! 2. a striped per-(device, virtual block) RwLock (a write or discard of a block
 //!    excludes reads and other writes of that block, so two writers never both
-//!    provision it and a read never sees a half-written block);
+//!    provision it and a read never sees a half-written block). Each stripe also
+//!    caches the mappings of a few of its blocks, in the lock's cache line (`Stripe`):
+//!    a read that finds its block there takes no other lock;
 //! 3. the metadata lock, held only for metadata lookups and updates — data I/O runs
-//!    outside it. A RwLock: lookups answered from memory (the mapping cache, cached
-//!    nodes) take it shared; anything that changes metadata or must read a node from
-//!    the device takes it exclusively.
+//!    outside it. A reader-writer lock sharded per thread (`StateLock`): lookups
+//!    answered from memory (the per-device mapping cache, cached nodes) take it
+//!    shared; anything that changes metadata or must read a node from the device
+//!    takes it exclusively.
 //!
 //! Durability: a write is durable once `flush` (or `commit`) returns. Data of a newly
 //! provisioned block is written before the mapping is inserted, and every commit flushes
@@ -23,12 +26,13 @@
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use thinvol_format::MAX_THIN_ID;
 use thinvol_format::{DataBlock, DataBlockSize, MetaBlock, ThinId, VBlock, METADATA_BLOCK_SIZE};
 
 use crate::error::{io_err, Error, Result};
@@ -39,7 +43,101 @@ use crate::storage::{FileStorage, Storage};
 pub const METADATA_FILE: &str = "metadata";
 pub const DATA_FILE: &str = "data";
 
-const STRIPES: usize = 4096;
+const STRIPES: usize = 8192;
+
+/// Mappings cached in each stripe.
+const STRIPE_ENTRIES: usize = 3;
+/// Stripe cache value: bit 63 valid, bit 62 unmapped, bits 40..62 the gate's
+/// generation when filled, bits 0..40 the data block.
+const SC_VALID: u64 = 1 << 63;
+const SC_UNMAPPED: u64 = 1 << 62;
+const SC_GEN_BITS: u32 = 22;
+const SC_GEN_MASK: u64 = (1 << SC_GEN_BITS) - 1;
+const SC_BLOCK_MASK: u64 = (1 << 40) - 1;
+
+/// One stripe: the lock of the blocks that hash to it and a small cache of their
+/// mappings, together in one 64-byte cache line, so that a read finds lock and mapping
+/// in one place (one cache miss instead of two).
+///
+/// The cache is exact: an entry is written only while `lock` is held exclusively — by
+/// a write or discard of that block, which updates it with the mapping it makes, or by
+/// a read that fills it from the metadata — and read only while `lock` is held, so a
+/// reader (shared) never sees an entry change. Operations that change mappings without
+/// the block's stripe (delete, `transaction`) hold every stripe and advance the gate's
+/// generation, which invalidates every entry at once.
+#[repr(align(64))]
+struct Stripe {
+    lock: RwLock<()>,
+    /// Round-robin replacement cursor.
+    next: AtomicU32,
+    /// `thin id << 40 | virtual block` (ids are 24 bits, virtual blocks below 2^40).
+    keys: [AtomicU64; STRIPE_ENTRIES],
+    vals: [AtomicU64; STRIPE_ENTRIES],
+}
+
+impl Stripe {
+    fn new() -> Self {
+        Stripe {
+            lock: RwLock::new(()),
+            next: AtomicU32::new(0),
+            keys: std::array::from_fn(|_| AtomicU64::new(0)),
+            vals: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// The cached mapping of `key` (`Some(None)`: unmapped). `lock` must be held.
+    #[inline]
+    fn find(&self, key: u64, gen: u64) -> Option<Option<DataBlock>> {
+        for i in 0..STRIPE_ENTRIES {
+            if self.keys[i].load(Ordering::Relaxed) == key {
+                let v = self.vals[i].load(Ordering::Relaxed);
+                if v & SC_VALID != 0 && (v >> 40) & SC_GEN_MASK == gen & SC_GEN_MASK {
+                    return Some((v & SC_UNMAPPED == 0).then_some(DataBlock(v & SC_BLOCK_MASK)));
+                }
+            }
+        }
+        None
+    }
+
+    /// Record the mapping of `key`. `lock` must be held exclusively.
+    fn set(&self, key: u64, gen: u64, m: Option<DataBlock>) {
+        let v = SC_VALID
+            | (gen & SC_GEN_MASK) << 40
+            | match m {
+                Some(b) if b.0 <= SC_BLOCK_MASK => b.0,
+                Some(_) => return self.forget(key),
+                None => SC_UNMAPPED,
+            };
+        let i = match (0..STRIPE_ENTRIES).find(|&i| self.keys[i].load(Ordering::Relaxed) == key) {
+            Some(i) => i,
+            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % STRIPE_ENTRIES,
+        };
+        self.keys[i].store(key, Ordering::Relaxed);
+        self.vals[i].store(v, Ordering::Relaxed);
+    }
+
+    /// Drop the entry of `key`. `lock` must be held exclusively.
+    fn forget(&self, key: u64) {
+        for i in 0..STRIPE_ENTRIES {
+            if self.keys[i].load(Ordering::Relaxed) == key {
+                self.vals[i].store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drop every entry. `lock` must be held exclusively.
+    fn clear(&self) {
+        for v in &self.vals {
+            v.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Stripe cache key of a block; None for ids that do not fit (never valid devices).
+#[inline]
+fn stripe_key(id: ThinId, vb: u64) -> Option<u64> {
+    (id.0 <= MAX_THIN_ID && vb <= SC_BLOCK_MASK).then_some(id.0 << 40 | vb)
+}
 
 /// Shards of the I/O gate.
 const GATE_SHARDS: usize = 16;
@@ -53,7 +151,11 @@ struct GateShard(RwLock<()>);
 /// between CPUs; exclusive use locks every shard, in order.
 struct IoGate {
     shards: Box<[GateShard]>,
-    stripes: Box<[RwLock<()>]>,
+    stripes: Box<[Stripe]>,
+    /// Advanced by every exclusive `write` (which may change any mapping); stripe
+    /// cache entries of older generations are invalid. Read and changed only with a
+    /// stripe lock held (readers) or all of them (`write`).
+    generation: AtomicU64,
 }
 
 /// The gate held exclusively: every shard, and for `write` every stripe too.
@@ -163,7 +265,8 @@ impl IoGate {
             shards: (0..GATE_SHARDS)
                 .map(|_| GateShard(RwLock::new(())))
                 .collect(),
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe::new()).collect(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -182,20 +285,35 @@ impl IoGate {
         }
     }
 
-    /// Exclusive against all I/O, reads included: delete, `transaction`.
+    /// Exclusive against all I/O, reads included: delete, `transaction`. Invalidates
+    /// every stripe cache entry (the holder may change any mapping).
     fn write(&self) -> IoGateWrite<'_> {
         let shards = self.shards.iter().map(|s| s.0.write()).collect();
+        let stripes = self.stripes.iter().map(|s| s.lock.write()).collect();
+        let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        if g & SC_GEN_MASK == 0 {
+            // The stored generation wrapped: entries 2^22 generations old would match.
+            for s in self.stripes.iter() {
+                s.clear();
+            }
+        }
         IoGateWrite {
             _shards: shards,
-            _stripes: self.stripes.iter().map(|s| s.write()).collect(),
+            _stripes: stripes,
         }
     }
 
     #[inline]
-    fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
+    fn stripe(&self, id: ThinId, vb: u64) -> &Stripe {
         let h = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vb.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
             as usize;
         &self.stripes[h % STRIPES]
+    }
+
+    /// The current generation; call with a stripe lock held.
+    #[inline]
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 }
 
@@ -261,6 +379,8 @@ pub struct PoolStatus {
 
 struct State {
     md: Metadata,
+    /// Set through `Pool::poison`, which also stops reads answered from the stripe
+    /// caches; or while the I/O gate is held exclusively, which invalidates them.
     poisoned: Option<String>,
     first_dirty: Option<Instant>,
 }
@@ -271,6 +391,9 @@ struct Inner {
     block_bytes: u64,
     /// The I/O gate and the block stripes (see module doc).
     io_gate: IoGate,
+    /// Set with `State::poisoned` (`Pool::poison`): reads answered from a stripe cache
+    /// check this instead of taking the metadata lock.
+    poisoned: AtomicBool,
     stop: AtomicBool,
     committer: Mutex<Option<JoinHandle<()>>>,
     commit_interval: Duration,
@@ -450,6 +573,7 @@ impl Pool {
             data,
             block_bytes,
             io_gate: IoGate::new(),
+            poisoned: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             committer: Mutex::new(None),
             commit_interval,
@@ -511,11 +635,21 @@ impl Pool {
     /// poison the pool (the device still holds the last commit).
     fn mutate<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
         let mut st = self.writable_state()?;
-        Self::mutate_locked(&mut st, f)
+        self.mutate_locked(&mut st, f)
+    }
+
+    /// Poison the pool handle (see `mutate`): every later call fails.
+    fn poison(&self, st: &mut State, why: String) {
+        st.poisoned = Some(why);
+        self.inner.poisoned.store(true, Ordering::Relaxed);
     }
 
     /// `mutate` with the state already locked exclusively (and not poisoned).
-    fn mutate_locked<T>(st: &mut State, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+    fn mutate_locked<T>(
+        &self,
+        st: &mut State,
+        f: impl FnOnce(&mut Metadata) -> Result<T>,
+    ) -> Result<T> {
         let r = f(&mut st.md);
         match &r {
             Ok(_) => {
@@ -530,7 +664,7 @@ impl Pool {
                         Error::Io { .. } | Error::Inconsistent { .. } | Error::Corrupt(_)
                     );
                 if partial {
-                    st.poisoned = Some(e.to_string());
+                    self.poison(st, e.to_string());
                 }
             }
         }
@@ -538,7 +672,7 @@ impl Pool {
     }
 
     #[inline]
-    fn stripe(&self, id: ThinId, vb: u64) -> &RwLock<()> {
+    fn stripe(&self, id: ThinId, vb: u64) -> &Stripe {
         self.inner.io_gate.stripe(id, vb)
     }
 
@@ -670,7 +804,9 @@ impl Pool {
     /// Read `buf.len()` bytes at byte `offset`; unmapped ranges read as zeros.
     pub fn read(&self, id: ThinId, offset: u64, buf: &mut [u8]) -> Result<()> {
         // No I/O gate: the stripe is enough (delete and `transaction` take every
-        // stripe; a snapshot changes nothing a read sees).
+        // stripe; a snapshot changes nothing a read sees). A block whose mapping the
+        // stripe caches needs nothing else; otherwise the stripe is taken exclusively
+        // for the metadata lookup that fills its cache, then shared for the data read.
         if buf.is_empty() {
             // Non-empty reads check the device in their first lookup.
             self.check_device(id)?;
@@ -680,13 +816,32 @@ impl Pool {
         for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
             let seg = &mut buf[done..done + n as usize];
             done += n as usize;
-            let _s = self.stripe(id, vb).read();
-            // Shared metadata lock when the lookup can be answered from memory.
-            let m = self.state_shared()?.md.lookup_block_shared(id, VBlock(vb));
-            let m = match m {
-                Some(m) => m,
-                None => self.state()?.md.lookup_block(id, VBlock(vb))?,
+            let stripe = self.stripe(id, vb);
+            let key = stripe_key(id, vb);
+            let mut guard = stripe.lock.read();
+            let gen = self.inner.io_gate.generation();
+            let cached = key.and_then(|k| stripe.find(k, gen));
+            let m = match cached {
+                Some(m) if !self.inner.poisoned.load(Ordering::Relaxed) => {
+                    // No metadata lock: the stripe lock keeps the entry current.
+                    if cfg!(debug_assertions) {
+                        self.check_stripe_entry(id, vb, m);
+                    }
+                    m
+                }
+                _ => {
+                    // Fill the stripe's cache: that needs the stripe exclusively.
+                    drop(guard);
+                    let w = stripe.lock.write();
+                    let m = self.lookup_for_read(id, vb)?;
+                    if let Some(k) = key {
+                        stripe.set(k, self.inner.io_gate.generation(), m);
+                    }
+                    guard = RwLockWriteGuard::downgrade(w);
+                    m
+                }
             };
+            let _s = guard;
             match m {
                 None => seg.fill(0),
                 Some(b) => self
@@ -697,6 +852,32 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// The data block of `vb` from the metadata: under the shared lock when it can be
+    /// answered from memory, else under the exclusive lock.
+    fn lookup_for_read(&self, id: ThinId, vb: u64) -> Result<Option<DataBlock>> {
+        let m = self.state_shared()?.md.lookup_block_shared(id, VBlock(vb));
+        match m {
+            Some(m) => Ok(m),
+            None => self.state()?.md.lookup_block(id, VBlock(vb)),
+        }
+    }
+
+    /// Debug builds: a stripe cache hit must agree with the metadata.
+    fn check_stripe_entry(&self, id: ThinId, vb: u64, m: Option<DataBlock>) {
+        let Ok(mut st) = self.state() else { return };
+        match st.md.lookup(id, VBlock(vb)) {
+            Ok(bt) => assert_eq!(
+                bt.map(|bt| bt.block),
+                m,
+                "stripe cache of device {id} block {vb} is stale"
+            ),
+            Err(Error::NoSuchDevice(_)) => {
+                panic!("stripe cache has block {vb} of device {id}, which does not exist")
+            }
+            Err(_) => {}
+        }
     }
 
     /// Write `buf` at byte `offset`. Durable after the next `flush`.
@@ -734,12 +915,16 @@ impl Pool {
         let bs = self.inner.block_bytes;
         for (vb, off, n) in self.segments(offset, len)? {
             if n == bs {
-                let _s = self.stripe(id, vb).write();
+                let stripe = self.stripe(id, vb);
+                let _s = stripe.lock.write();
                 let mut st = self.state()?;
                 if st.md.lookup(id, VBlock(vb))?.is_none() {
                     continue;
                 }
                 drop(st);
+                if let Some(k) = stripe_key(id, vb) {
+                    stripe.forget(k);
+                }
                 self.mutate(|md| {
                     md.ensure_metadata_space()?;
                     md.remove_mapping(id, VBlock(vb))
@@ -766,7 +951,9 @@ impl Pool {
         data: Option<&[u8]>,
     ) -> Result<()> {
         let bs = self.inner.block_bytes;
-        let _s = self.stripe(id, vb).write();
+        let stripe = self.stripe(id, vb);
+        let _s = stripe.lock.write();
+        let key = stripe_key(id, vb);
         let m = self
             .state_shared()?
             .md
@@ -775,6 +962,17 @@ impl Pool {
             Some(m) => m,
             None => self.writable_state()?.md.lookup_for_write(id, VBlock(vb))?,
         };
+        if let Some(k) = key {
+            // The stripe is held exclusively: record the mapping for reads, or, when
+            // it is about to change, drop it until the change is done.
+            match m {
+                Mapped::Exclusive(b) => stripe.set(k, self.inner.io_gate.generation(), Some(b)),
+                Mapped::Unmapped if data.is_none() => {
+                    stripe.set(k, self.inner.io_gate.generation(), None)
+                }
+                _ => stripe.forget(k),
+            }
+        }
         let io = &self.inner.data;
         match (m, data) {
             (Mapped::Exclusive(b), Some(d)) => {
@@ -840,9 +1038,13 @@ impl Pool {
         if let Some(p) = &st.poisoned {
             return Err(Error::Poisoned(p.clone()));
         }
-        Self::mutate_locked(&mut st, |md| {
+        self.mutate_locked(&mut st, |md| {
             md.insert_mapping(id, VBlock(vb), nb).map(|_| ())
-        })
+        })?;
+        if let Some(k) = key {
+            stripe.set(k, self.inner.io_gate.generation(), Some(nb));
+        }
+        Ok(())
     }
 
     // ---- transactions ----
@@ -869,7 +1071,7 @@ impl Pool {
                 Ok(())
             }
             Err(e) => {
-                st.poisoned = Some(format!("commit failed: {e}"));
+                self.poison(st, format!("commit failed: {e}"));
                 Err(e)
             }
         }
@@ -905,7 +1107,7 @@ impl Pool {
         self.commit_locked(&mut st)?;
         let b = st.md.reserve_metadata_snap();
         if b.is_err() && st.md.tm.alloc_failed {
-            st.poisoned = Some("metadata snapshot reservation failed".into());
+            self.poison(&mut st, "metadata snapshot reservation failed".into());
         }
         let b = b?;
         self.commit_locked(&mut st)?;
@@ -916,7 +1118,7 @@ impl Pool {
         let mut st = self.writable_state()?;
         if let Err(e) = st.md.release_metadata_snap() {
             if !matches!(e, Error::NoMetadataSnap) {
-                st.poisoned = Some(e.to_string());
+                self.poison(&mut st, e.to_string());
             }
             return Err(e);
         }

@@ -254,3 +254,74 @@ fn delete_waits_for_reads_in_flight() {
     }
     assert!(p.check().unwrap().is_clean());
 }
+
+/// Metadata storage whose writes and flushes can be made to fail.
+#[derive(Debug)]
+struct Failing(MemStorage, AtomicBool);
+
+impl Storage for Failing {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.1.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if self.1.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected flush failure"));
+        }
+        self.0.flush()
+    }
+    fn grow(&self, len: u64) -> std::io::Result<()> {
+        self.0.grow(len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+}
+
+/// After a failed commit poisons the pool, reads fail too — also of blocks whose
+/// mappings the read path has cached.
+#[test]
+fn poisoned_pool_refuses_cached_reads() {
+    let blocks = 64u64;
+    let block = DataBlockSize::DEFAULT;
+    let meta = Arc::new(Failing(
+        MemStorage::new(default_metadata_size(blocks * BS, block)),
+        AtomicBool::new(false),
+    ));
+    let p = Pool::format_on(
+        meta.clone(),
+        Arc::new(MemStorage::new(blocks * BS)),
+        block,
+        Duration::ZERO,
+        None,
+    )
+    .unwrap();
+    p.create_thin(ThinId(1)).unwrap();
+    for vb in 0..8 {
+        fill(&p, 1, vb, 0x66);
+    }
+    p.commit().unwrap();
+    for _ in 0..2 {
+        for vb in 0..10 {
+            expect(&p, 1, vb, if vb < 8 { 0x66 } else { 0 });
+        }
+    }
+    fill(&p, 1, 9, 0x77);
+    meta.1.store(true, Ordering::Relaxed);
+    assert!(p.commit().is_err());
+    let mut b = vec![0u8; BS as usize];
+    for vb in 0..10 {
+        assert!(
+            matches!(p.read(ThinId(1), vb * BS, &mut b), Err(Error::Poisoned(_))),
+            "block {vb}"
+        );
+    }
+}
