@@ -70,28 +70,35 @@ struct Stripe {
     lock: RwLock<()>,
     /// Round-robin replacement cursor.
     next: AtomicU32,
-    /// `thin id << 40 | virtual block` (ids are 24 bits, virtual blocks below 2^40).
-    keys: [AtomicU64; STRIPE_ENTRIES],
-    vals: [AtomicU64; STRIPE_ENTRIES],
+    /// (key, value): key `thin id << 40 | virtual block` (ids are 24 bits, virtual
+    /// blocks below 2^40), value as described at `SC_VALID`.
+    entries: [(AtomicU64, AtomicU64); STRIPE_ENTRIES],
 }
+
+// Lock and entries share one cache line.
+const _: () = assert!(std::mem::size_of::<Stripe>() == 64);
 
 impl Stripe {
     fn new() -> Self {
         Stripe {
             lock: RwLock::new(()),
             next: AtomicU32::new(0),
-            keys: std::array::from_fn(|_| AtomicU64::new(0)),
-            vals: std::array::from_fn(|_| AtomicU64::new(0)),
+            entries: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),
         }
+    }
+
+    #[inline]
+    fn current(v: u64, gen: u64) -> bool {
+        v & SC_VALID != 0 && (v >> 40) & SC_GEN_MASK == gen & SC_GEN_MASK
     }
 
     /// The cached mapping of `key` (`Some(None)`: unmapped). `lock` must be held.
     #[inline]
     fn find(&self, key: u64, gen: u64) -> Option<Option<DataBlock>> {
-        for i in 0..STRIPE_ENTRIES {
-            if self.keys[i].load(Ordering::Relaxed) == key {
-                let v = self.vals[i].load(Ordering::Relaxed);
-                if v & SC_VALID != 0 && (v >> 40) & SC_GEN_MASK == gen & SC_GEN_MASK {
+        for (k, v) in &self.entries {
+            if k.load(Ordering::Relaxed) == key {
+                let v = v.load(Ordering::Relaxed);
+                if Self::current(v, gen) {
                     return Some((v & SC_UNMAPPED == 0).then_some(DataBlock(v & SC_BLOCK_MASK)));
                 }
             }
@@ -99,7 +106,8 @@ impl Stripe {
         None
     }
 
-    /// Record the mapping of `key`. `lock` must be held exclusively.
+    /// Record the mapping of `key`: in its entry, else a free or outdated one, else
+    /// round-robin. `lock` must be held exclusively.
     fn set(&self, key: u64, gen: u64, m: Option<DataBlock>) {
         let v = SC_VALID
             | (gen & SC_GEN_MASK) << 40
@@ -108,26 +116,29 @@ impl Stripe {
                 Some(_) => return self.forget(key),
                 None => SC_UNMAPPED,
             };
-        let i = match (0..STRIPE_ENTRIES).find(|&i| self.keys[i].load(Ordering::Relaxed) == key) {
-            Some(i) => i,
-            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % STRIPE_ENTRIES,
-        };
-        self.keys[i].store(key, Ordering::Relaxed);
-        self.vals[i].store(v, Ordering::Relaxed);
+        let e = &self.entries;
+        let i = (0..STRIPE_ENTRIES)
+            .find(|&i| e[i].0.load(Ordering::Relaxed) == key)
+            .or_else(|| {
+                (0..STRIPE_ENTRIES).find(|&i| !Self::current(e[i].1.load(Ordering::Relaxed), gen))
+            })
+            .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) as usize % STRIPE_ENTRIES);
+        e[i].0.store(key, Ordering::Relaxed);
+        e[i].1.store(v, Ordering::Relaxed);
     }
 
     /// Drop the entry of `key`. `lock` must be held exclusively.
     fn forget(&self, key: u64) {
-        for i in 0..STRIPE_ENTRIES {
-            if self.keys[i].load(Ordering::Relaxed) == key {
-                self.vals[i].store(0, Ordering::Relaxed);
+        for (k, v) in &self.entries {
+            if k.load(Ordering::Relaxed) == key {
+                v.store(0, Ordering::Relaxed);
             }
         }
     }
 
     /// Drop every entry. `lock` must be held exclusively.
     fn clear(&self) {
-        for v in &self.vals {
+        for (_, v) in &self.entries {
             v.store(0, Ordering::Relaxed);
         }
     }
