@@ -3,6 +3,8 @@
 //! unix socket (fixed newstyle, GO, simple replies) for tests that need exact control.
 
 #![allow(dead_code)]
+// NBD is big-endian on the wire.
+#![allow(clippy::big_endian_bytes)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -223,7 +225,7 @@ pub fn option(s: &mut UnixStream, opt: u32, data: &[u8]) -> std::io::Result<()> 
 }
 
 /// Read one option reply: (option, type, data).
-pub fn opt_reply(s: &mut UnixStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
+pub fn read_opt_reply(s: &mut UnixStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
     assert_eq!(read_u64(s)?, OPT_REPLY_MAGIC);
     let opt = read_u32(s)?;
     let typ = read_u32(s)?;
@@ -254,7 +256,7 @@ impl Client {
         option(&mut s, OPT_GO, &d)?;
         let (mut size, mut tflags) = (0, 0);
         loop {
-            let (_, typ, data) = opt_reply(&mut s)?;
+            let (_, typ, data) = read_opt_reply(&mut s)?;
             match typ {
                 REP_ACK => break,
                 REP_INFO if data.len() == 12 && data[..2] == [0, 0] => {
