@@ -253,3 +253,63 @@ fn qemu_io_patterns_survive_restart() {
         &["-r", "-f", "raw", "-c", "read -P 0xa1 0 4k", &u],
     );
 }
+
+#[test]
+fn commands_while_serving_pause_the_server() {
+    if skip() {
+        return;
+    }
+    let e = Env::new();
+    e.pool("256M");
+    e.ok(&["create", "tank/v", "--size", "16M"]);
+    let s = e.serve(&["tank/v"], &["--pause-limit", "1"]);
+    let u = e.uri("tank/v");
+    tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64k", &u]);
+    // Other commands work on the served pool; destroying an export is refused.
+    e.ok(&["create", "tank/w", "--size", "16M"]);
+    e.ok(&["list"]);
+    let d = e.run(&["destroy", "tank/v"]);
+    assert_eq!(
+        d.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    assert!(String::from_utf8_lossy(&d.stderr).contains("exported"));
+    e.ok(&["snapshot", "tank/v@a"]);
+    let d = e.run(&["rollback", "tank/v@a"]);
+    assert_eq!(d.status.code(), Some(6));
+    tool(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", &u],
+    );
+
+    // A pausing client that dies: the server resumes when its connection closes.
+    let ctl = e.path("tank").join("control.sock");
+    let mut c = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    std::io::Write::write_all(&mut c, b"pause\n").unwrap();
+    let line = thinvol_catalog::control::read_line(&mut c)
+        .unwrap()
+        .unwrap();
+    assert_eq!(thinvol_catalog::control::parse_paused(&line), Some(vec![1]));
+    drop(c);
+    tool(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", &u],
+    );
+
+    // A pause held past --pause-limit (1 s): the server takes the pool back.
+    let mut c = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    std::io::Write::write_all(&mut c, b"pause\n").unwrap();
+    thinvol_catalog::control::read_line(&mut c)
+        .unwrap()
+        .unwrap();
+    let t = std::time::Instant::now();
+    tool(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", &u],
+    );
+    assert!(t.elapsed() >= std::time::Duration::from_millis(800));
+    assert!(s.log().contains("longer than"), "{}", s.log());
+    drop(c);
+}
