@@ -461,12 +461,13 @@ pub fn chunk_header(
     }
 }
 
-/// A complete reply without payload: success or an error. `is_read` forces a
-/// structured chunk for READ errors once structured replies are on.
+/// A complete reply without payload: success or an error. `chunked` (READ and
+/// BLOCK_STATUS) forces a structured chunk for errors once structured replies are on;
+/// other commands may get simple replies then (as qemu does).
 pub fn status_reply(
     out: &mut Vec<u8>,
     mode: ReplyMode,
-    is_read: bool,
+    chunked: bool,
     cookie: u64,
     offset: u64,
     error: u32,
@@ -477,7 +478,7 @@ pub fn status_reply(
             put_simple(&mut b, error, cookie);
             out.extend_from_slice(&b);
         }
-        ReplyMode::Structured if error == 0 || !is_read => {
+        ReplyMode::Structured if error == 0 || !chunked => {
             let mut b = [0u8; 16];
             put_simple(&mut b, error, cookie);
             out.extend_from_slice(&b);

@@ -13,7 +13,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::block_status;
@@ -525,7 +525,9 @@ impl Server {
             export: a.export,
             mode: a.mode,
             meta: a.meta,
-            bufs: Mutex::new(Vec::new()),
+            bufs: Mutex::new(Bufs::default()),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
             broken: AtomicBool::new(false),
         };
         let ext = a.mode == ReplyMode::Extended;
@@ -556,6 +558,7 @@ impl Server {
                     }
                     let mut buf = conn.take_buf();
                     if req.payload > 0 {
+                        conn.admit(req.payload);
                         let n = req.payload as usize;
                         if buf.len() < n {
                             buf.resize(n, 0);
@@ -586,21 +589,56 @@ struct Conn {
     export: Arc<Export>,
     mode: ReplyMode,
     meta: bool,
-    bufs: Mutex<Vec<Vec<u8>>>,
+    bufs: Mutex<Bufs>,
+    /// WRITE payload bytes read but not yet written to the pool.
+    inflight: Mutex<u64>,
+    drained: Condvar,
     broken: AtomicBool,
 }
 
-/// Buffers kept per connection for reuse (no allocation per request).
-const KEEP_BUFS: usize = 64;
+/// Buffers kept per connection for reuse (no allocation per request), at most
+/// [`KEEP_BYTES`] of them.
+#[derive(Default)]
+struct Bufs {
+    free: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+const KEEP_BYTES: usize = 64 << 20;
+/// WRITE payload bytes a connection may have queued; the reader waits above it (a
+/// single payload up to the 32 MiB maximum is always admitted when nothing is queued).
+const INFLIGHT_BYTES: u64 = 64 << 20;
 
 impl Conn {
     fn take_buf(&self) -> Vec<u8> {
-        self.bufs.lock().unwrap().pop().unwrap_or_default()
+        let mut g = self.bufs.lock().unwrap();
+        match g.free.pop() {
+            Some(b) => {
+                g.bytes -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        }
     }
     fn give_buf(&self, b: Vec<u8>) {
         let mut g = self.bufs.lock().unwrap();
-        if g.len() < KEEP_BUFS && b.capacity() <= (MAX_PAYLOAD as usize) + REPLY_HEADROOM {
-            g.push(b);
+        if g.bytes + b.capacity() <= KEEP_BYTES {
+            g.bytes += b.capacity();
+            g.free.push(b);
+        }
+    }
+    /// Wait until `n` more payload bytes fit the connection's budget, then take them.
+    fn admit(&self, n: u64) {
+        let mut g = self.inflight.lock().unwrap();
+        while *g > 0 && *g + n > INFLIGHT_BYTES {
+            g = self.drained.wait(g).unwrap();
+        }
+        *g += n;
+    }
+    fn release(&self, n: u64) {
+        if n > 0 {
+            *self.inflight.lock().unwrap() -= n;
+            self.drained.notify_all();
         }
     }
     fn send(&self, b: &[u8]) {
@@ -612,7 +650,8 @@ impl Conn {
     }
     fn status(&self, out: &mut Vec<u8>, r: &Request, err: u32) {
         out.clear();
-        status_reply(out, self.mode, r.typ == CMD_READ, r.cookie, r.offset, err);
+        let chunked = r.typ == CMD_READ || r.typ == CMD_BLOCK_STATUS;
+        status_reply(out, self.mode, chunked, r.cookie, r.offset, err);
         self.send(out);
     }
 }
@@ -626,6 +665,7 @@ fn worker(c: &Conn, rx: &Mutex<Receiver<Job>>) {
         };
         let Job { req, buf } = job;
         let buf = run(c, &req, buf, &mut out);
+        c.release(req.payload);
         c.give_buf(buf);
     }
 }
