@@ -111,3 +111,33 @@ fn kill9_mid_write_loop_keeps_flushed_writes() {
     e.ok(&["check", "tank"]);
     thin_check(&e.path("tank"));
 }
+
+/// Multi-conn: a FLUSH on one connection makes writes acknowledged on another durable
+/// (one pool behind every connection); kill -9 right after it.
+#[test]
+fn flush_on_one_connection_covers_writes_on_another() {
+    let e = Env::new();
+    e.pool("256M");
+    e.ok(&["create", "tank/v", "--size", "64M"]);
+    let mut s = e.serve(&["tank/v"], &[]);
+    let sock = e.sock();
+    let path = std::path::Path::new(&sock);
+    let mut a = Client::connect(path, "tank/v").unwrap();
+    let mut b = Client::connect(path, "tank/v").unwrap();
+    assert_ne!(a.tflags & thinvol_nbd::proto::TF_CAN_MULTI_CONN, 0);
+    for i in 0..32u64 {
+        assert_eq!(a.write(i * (64 << 10), &pattern(i, CHUNK), 0).unwrap(), 0);
+    }
+    assert_eq!(b.flush().unwrap(), 0);
+    s.kill9();
+    let _s = e.serve(&["tank/v"], &[]);
+    let mut c = Client::connect(path, "tank/v").unwrap();
+    let mut buf = vec![0u8; CHUNK];
+    for i in 0..32u64 {
+        assert_eq!(c.read(i * (64 << 10), &mut buf).unwrap(), 0);
+        assert!(
+            buf == pattern(i, CHUNK),
+            "write {i} on connection A lost after B's flush"
+        );
+    }
+}
