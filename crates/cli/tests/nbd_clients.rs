@@ -313,3 +313,36 @@ fn commands_while_serving_pause_the_server() {
     assert!(s.log().contains("longer than"), "{}", s.log());
     drop(c);
 }
+
+#[test]
+fn full_pool_gives_enospc_and_keeps_serving() {
+    if skip() {
+        return;
+    }
+    let e = Env::new();
+    e.pool("16M");
+    e.ok(&["create", "tank/v", "--size", "64M"]);
+    let _s = e.serve(&["tank/v"], &[]);
+    let u = e.uri("tank/v");
+    let w = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 32M", &u])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(t.contains("No space left on device"), "{t}");
+    // Already mapped blocks stay writable and readable.
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 7 0 1M",
+            "-c",
+            "write -P 8 0 64k",
+            "-c",
+            "read -P 8 0 64k",
+            &u,
+        ],
+    );
+}
