@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 machine: installs what the tests need
-# (thin-provisioning-tools, qemu, libnbd tools, the lvm-vm kernel harness), then runs
+# (thin-provisioning-tools, qemu, libnbd tools incl. nbdfuse + fuse3, the lvm-vm kernel harness), then runs
 # formatting and lint checks and every test. Used as-is by .ci/run.
 #
 # Environment: THINVOL_SKIP_VM=1 skips the real-kernel tests (lvm-vm);
@@ -15,7 +15,7 @@ step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "installing Debian packages"
 need=()
-for p in thin-provisioning-tools libnbd-bin qemu-utils e2fsprogs util-linux; do
+for p in thin-provisioning-tools libnbd-bin qemu-utils e2fsprogs util-linux fuse3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod bound;
+pub mod control;
 pub mod error;
 pub mod failpoint;
 pub mod home;

@@ -17,6 +17,7 @@ use thinvol_engine::format::{human_bytes, DataBlockSize, ThinId};
 use thinvol_engine::{default_metadata_size, OpenOptions, PoolConfig, METADATA_FILE};
 
 use crate::bound::{CatalogPool, CATALOG_FILE, PENDING_FILE};
+use crate::control;
 use crate::error::{io, CatalogError, Result};
 use crate::model::Settings;
 use crate::names::{suggest, Name};
@@ -35,6 +36,7 @@ pub const POOL_FILES: &[&str] = &[
     ".catalog.json.tmp",
     ".catalog.pending.json.tmp",
     LOCK_FILE,
+    control::CONTROL_SOCKET,
 ];
 
 /// Directories of a pool directory that `pool destroy` removes with their contents.
@@ -104,6 +106,9 @@ pub fn lock_dir(dir: &Path, pool: &str, exclusive: bool) -> Result<PoolLock> {
 pub struct Opened {
     pub cp: CatalogPool,
     _lock: PoolLock,
+    /// A server that had the pool open, paused until this is dropped (after the pool
+    /// and the lock: fields drop in order).
+    pause: Option<control::PauseGuard>,
 }
 
 impl Deref for Opened {
@@ -120,30 +125,51 @@ impl DerefMut for Opened {
 }
 
 impl Opened {
+    /// Thin ids exported by a server paused for this command (empty if none).
+    pub fn served(&self) -> &[u64] {
+        self.pause.as_ref().map_or(&[], |p| &p.exported)
+    }
+
     /// Commit and close the pool, then release the lock.
     pub fn close(self) -> Result<()> {
         self.cp.close()
     }
 }
 
-/// Open a registered pool for changes.
+/// Open a registered pool for changes. If a server (`thinvol serve`) has it open,
+/// it is paused through its control socket until the returned handle is dropped.
 pub fn open(reg: &Registry, name: &str) -> Result<Opened> {
     let r = reg.get(name)?;
-    let lock = lock_dir(&r.dir, name, true)?;
-    let cp = CatalogPool::open(name, &r.dir)?;
-    Ok(Opened { cp, _lock: lock })
+    let pause = control::pause(&r.dir)?;
+    let mut o = open_dir(name, &r.dir, false)?;
+    o.pause = pause;
+    Ok(o)
 }
 
-/// Open a registered pool to read it (listings, status): nothing is written.
+/// Open a registered pool to read it (listings, status): nothing is written. Pauses
+/// a server like [`open`].
 pub fn open_read_only(reg: &Registry, name: &str) -> Result<Opened> {
     let r = reg.get(name)?;
-    let lock = lock_dir(&r.dir, name, false)?;
+    let pause = control::pause(&r.dir)?;
+    let mut o = open_dir(name, &r.dir, true)?;
+    o.pause = pause;
+    Ok(o)
+}
+
+/// Open the pool in `dir` with its lock, without asking a server to pause (what the
+/// server itself uses).
+pub fn open_dir(name: &str, dir: &Path, read_only: bool) -> Result<Opened> {
+    let lock = lock_dir(dir, name, !read_only)?;
     let opts = OpenOptions {
-        read_only: true,
+        read_only,
         ..Default::default()
     };
-    let cp = CatalogPool::open_with(name, &r.dir, &opts)?;
-    Ok(Opened { cp, _lock: lock })
+    let cp = CatalogPool::open_with(name, dir, &opts)?;
+    Ok(Opened {
+        cp,
+        _lock: lock,
+        pause: None,
+    })
 }
 
 fn ensure_unregistered(reg: &Registry, name: &str, dir: &Path) -> Result<()> {
@@ -194,7 +220,11 @@ pub fn create_pool(
         remove_pool_files(dir, !existed);
         return Err(e);
     }
-    Ok(Opened { cp, _lock: lock })
+    Ok(Opened {
+        cp,
+        _lock: lock,
+        pause: None,
+    })
 }
 
 /// How `pool import` took a directory.
@@ -230,7 +260,14 @@ pub fn import_pool(reg: &Registry, name: &str, dir: &Path) -> Result<(Opened, Im
         Imported::Adopted => CatalogPool::adopt(name, dir, Settings::default())?,
     };
     reg.add(name, dir)?;
-    Ok((Opened { cp, _lock: lock }, how))
+    Ok((
+        Opened {
+            cp,
+            _lock: lock,
+            pause: None,
+        },
+        how,
+    ))
 }
 
 /// What `pool destroy` removed.

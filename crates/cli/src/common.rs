@@ -66,6 +66,20 @@ pub fn with_pool<T>(pool: &str, f: impl FnOnce(&mut Opened) -> Result<T>) -> Res
     Ok(v)
 }
 
+/// Refuse `what` when a server paused for this command exports one of `ids` (its
+/// clients would get I/O errors), unless `force`.
+pub fn refuse_served(h: &Opened, ids: &[u64], what: &str, force: bool) -> Result<()> {
+    if !force && ids.iter().any(|i| h.served().contains(i)) {
+        return Err(thinvol_catalog::CatalogError::Refused {
+            reason: format!(
+                "cannot {what}: it is exported by 'thinvol serve'; stop the server or add --force"
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Open `pool` to read it.
 pub fn read_pool<T>(pool: &str, f: impl FnOnce(&Opened) -> Result<T>) -> Result<T> {
     let h = manage::open_read_only(&registry(), pool)?;

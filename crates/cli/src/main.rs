@@ -6,6 +6,7 @@ mod exit;
 mod image_cmd;
 mod pool_cmd;
 mod progress;
+mod serve_cmd;
 mod thin;
 mod vol_cmd;
 
@@ -55,6 +56,12 @@ enum Cmd {
     /// Refuses when data blocks the point needs were freed or reused since. Blocks of
     /// writable volumes written in place since the point keep their current data.
     Restore(archive_cmd::RestoreArgs),
+    /// Export volumes (read-write) and snapshots (read-only) over NBD.
+    ///
+    /// Other commands keep working on a served pool: they pause the server through
+    /// POOLDIR/control.sock while they run. SIGTERM finishes in-flight requests,
+    /// commits and exits.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::Check(a) => pool_cmd::check(a),
         Cmd::History(a) => archive_cmd::history(a),
         Cmd::Restore(a) => archive_cmd::restore(a),
+        Cmd::Serve(a) => serve_cmd::run(a),
     };
     match r {
         Ok(code) => code,

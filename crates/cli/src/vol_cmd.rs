@@ -10,7 +10,8 @@ use thinvol_catalog::{ops, CatalogError};
 use thinvol_engine::format::human_bytes;
 
 use crate::common::{
-    name, print_json, read_pool, registry, size, snapshot_name, usage, volume_name, with_pool,
+    name, print_json, read_pool, refuse_served, registry, size, snapshot_name, usage, volume_name,
+    with_pool,
 };
 
 #[derive(Subcommand)]
@@ -64,6 +65,9 @@ pub enum VolCmd {
         /// Also destroy the volume's snapshots.
         #[arg(short = 'r', long)]
         recursive: bool,
+        /// Destroy even while 'thinvol serve' exports it (its clients then get I/O errors).
+        #[arg(long)]
+        force: bool,
     },
     /// Hold a snapshot: it cannot be destroyed until every hold is released.
     Hold {
@@ -83,6 +87,9 @@ pub enum VolCmd {
         /// Keep the pre-rollback state as this snapshot of the volume.
         #[arg(long, value_name = "SNAPNAME")]
         keep_current: Option<String>,
+        /// Roll back even while 'thinvol serve' exports the volume.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -226,14 +233,26 @@ pub fn run(cmd: VolCmd) -> Result<ExitCode> {
                 human_bytes(bytes)
             );
         }
-        VolCmd::Destroy { name: n, recursive } => {
+        VolCmd::Destroy {
+            name: n,
+            recursive,
+            force,
+        } => {
             let n = name(&n)?;
             if n.volume.is_none() {
                 return Err(usage(format!(
                     "'{n}' is a pool; destroy pools with 'thinvol pool destroy {n}'"
                 )));
             }
-            with_pool(&n.pool, |h| Ok(ops::destroy(h, &n, recursive)?))?;
+            with_pool(&n.pool, |h| {
+                let mut ids = vec![h.thin_of(&n)?.0];
+                if recursive && n.snapshot.is_none() {
+                    let v = h.catalog.volume(&n.pool, n.vol())?;
+                    ids.extend(v.snapshots.values().map(|s| s.thin_id));
+                }
+                refuse_served(h, &ids, &format!("destroy {n}"), force)?;
+                Ok(ops::destroy(h, &n, recursive)?)
+            })?;
             println!("destroyed {n}");
         }
         VolCmd::Hold { snapshot, tag } => {
@@ -249,9 +268,17 @@ pub fn run(cmd: VolCmd) -> Result<ExitCode> {
         VolCmd::Rollback {
             snapshot,
             keep_current,
+            force,
         } => {
             let n = snapshot_name(&snapshot)?;
             with_pool(&n.pool, |h| {
+                let vol = h.catalog.volume(&n.pool, n.vol())?.thin_id;
+                refuse_served(
+                    h,
+                    &[vol],
+                    &format!("roll back {}/{}", n.pool, n.vol()),
+                    force,
+                )?;
                 Ok(ops::rollback(h, &n, keep_current.as_deref())?)
             })?;
             match keep_current {
