@@ -1065,6 +1065,20 @@ impl Pool {
         if self.inner.read_only {
             return Ok(());
         }
+        // Write the data device back before taking the metadata lock: the fdatasync
+        // can take long, and writers that provision blocks need that lock. The flush
+        // inside the commit (step 1, under the lock) still covers every mapping it
+        // commits, but now only has the data written in between left to do (§5).
+        if let Err(e) = self.inner.data.flush() {
+            // A failed fdatasync is reported once; a later one may succeed although
+            // the data is lost (§10). Never commit after it.
+            let mut st = self.inner.state.write();
+            let e = io_err("data device flush")(e);
+            if st.poisoned.is_none() {
+                self.poison(&mut st, format!("commit failed: {e}"));
+            }
+            return Err(e);
+        }
         let mut st = self.state()?;
         self.commit_locked(&mut st)
     }

@@ -1590,3 +1590,72 @@ fn write_fuzz_regressions() {
         std::fs::write(dir.join(name), &input).unwrap();
     }
 }
+
+/// A data device whose flush fails when told to (a failed fdatasync: the kernel reports
+/// a lost write-back once, and a later fdatasync may succeed).
+#[derive(Debug)]
+struct FailingFlush {
+    inner: MemStorage,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Storage for FailingFlush {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other("write-back lost (EIO)"));
+        }
+        self.inner.flush()
+    }
+    fn grow(&self, len: u64) -> io::Result<()> {
+        self.inner.grow(len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+/// A failed data flush fails the commit and poisons the pool — also when the flush
+/// that failed is the one `commit` runs before taking the metadata lock: a second
+/// fdatasync could succeed although the write-back was lost, so nothing written since
+/// the last commit may be committed. The device keeps the last commit.
+#[test]
+fn failed_data_flush_poisons_and_keeps_the_last_commit() {
+    let bs = DataBlockSize::from_bytes(64 << 10).unwrap();
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FailingFlush {
+        inner: MemStorage::new(64 * bs.bytes()),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let pool = Pool::format_on(meta.clone(), data.clone(), bs, Duration::ZERO, None).unwrap();
+    pool.create_thin(ThinId(1)).unwrap();
+    pool.write(ThinId(1), 0, &[0xAA; 4096]).unwrap();
+    pool.commit().unwrap();
+    pool.write(ThinId(1), 1 << 20, &[0xBB; 4096]).unwrap();
+    data.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = pool.commit().unwrap_err();
+    assert!(e.to_string().contains("data device flush"), "{e}");
+    // Poisoned: the retry (whose fdatasync would now succeed) must not commit.
+    assert!(matches!(pool.commit(), Err(Error::Poisoned(_))));
+    assert!(pool.write(ThinId(1), 0, b"x").is_err());
+    drop(pool);
+    let pool = Pool::open_on(meta, data, &quiet()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    pool.read(ThinId(1), 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0xAA; 4096], "the committed write survives");
+    pool.read(ThinId(1), 1 << 20, &mut buf).unwrap();
+    assert_eq!(
+        buf,
+        vec![0; 4096],
+        "the write whose flush failed was never committed"
+    );
+    assert!(pool.check().unwrap().is_clean());
+}
