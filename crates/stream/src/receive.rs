@@ -25,8 +25,15 @@ use crate::format::{Begin, Body, Part, BEGIN_FLAG_GROUP};
 use crate::reader::{ReadError, StreamReader};
 use crate::token::Token;
 
-/// Data bytes between checkpoints.
+/// Data bytes between checkpoints (`THINVOL_CHECKPOINT_BYTES` overrides it, for tests).
 const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+fn checkpoint_bytes() -> u64 {
+    std::env::var("THINVOL_CHECKPOINT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CHECKPOINT_BYTES)
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct ReceiveOptions {
@@ -686,6 +693,7 @@ pub fn receive(
     };
     progress(rx.state.data_done, total);
     let mut expected = resume_at;
+    let every = checkpoint_bytes();
     loop {
         let (rec, _) = match rd.next_record() {
             Ok(Some(r)) => r,
@@ -745,7 +753,7 @@ pub fn receive(
         }
         expected += 1;
         progress(rx.state.data_done, total);
-        if is_end_of_part || rx.since_checkpoint >= CHECKPOINT_BYTES {
+        if is_end_of_part || rx.since_checkpoint >= every {
             rx.checkpoint(expected)?;
         }
     }
