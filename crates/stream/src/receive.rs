@@ -746,6 +746,13 @@ pub fn receive(
                 let _ = abort(rx.cp, target);
                 return Err(e);
             }
+            Err(
+                e @ (StreamError::Refused(_) | StreamError::NotFound(_) | StreamError::Catalog(_)),
+            ) => {
+                // The target does not fit this stream: nothing worth resuming.
+                let _ = abort(rx.cp, target);
+                return Err(e);
+            }
             Err(e) => {
                 let _ = rx.checkpoint(expected);
                 return Err(e);
