@@ -11,6 +11,8 @@ pub mod digest;
 pub mod error;
 pub mod file_target;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod plan;
 pub mod reader;
 pub mod receive;
