@@ -27,7 +27,6 @@ fn incremental_digest_equals_full_digest() {
     let mut seed = 42u64;
     let mut buf = vec![0u8; 300_000];
     let mut prev: Option<(u64, u64, LtHash)> = None;
-    let mut next_id = 2;
     for round in 0..6 {
         for _ in 0..20 {
             let n = 1 + (rnd(&mut seed) % buf.len() as u64) as usize;
@@ -44,8 +43,7 @@ fn incremental_digest_equals_full_digest() {
         }
         // A size change in one round: the snapshot is smaller.
         let ssize = if round == 3 { size - 100_000 } else { size };
-        let snap = next_id;
-        next_id += 1;
+        let snap = 2 + round;
         pool.create_snap(ThinId(snap), ThinId(1)).unwrap();
         let full = full_pool(&pool, snap, ssize).unwrap();
         if let Some((pid, psize, pd)) = &prev {
