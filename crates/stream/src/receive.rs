@@ -734,7 +734,14 @@ pub fn receive(
                 )));
             }
             rx.checkpoint(rec.seq)?;
-            rx.publish()?;
+            if let Err(e) = rx.publish() {
+                if matches!(e, StreamError::Catalog(CatalogError::Exists { .. })) {
+                    // Published already (a crash before the state file went), or the
+                    // names were taken meanwhile: nothing left to resume.
+                    let _ = abort(rx.cp, target);
+                }
+                return Err(e);
+            }
             remove_state(&rx.cp.dir, &rx.key)?;
             return Ok(rx.sum);
         }
