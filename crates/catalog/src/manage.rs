@@ -37,8 +37,9 @@ pub const POOL_FILES: &[&str] = &[
     LOCK_FILE,
 ];
 
-/// Directories of a pool directory that `pool destroy` removes with their contents.
-pub const POOL_DIRS: &[&str] = &["archive"];
+/// Directories of a pool directory that `pool destroy` removes with their contents
+/// (`digests` and `receive`: send/receive, crates/stream).
+pub const POOL_DIRS: &[&str] = &["archive", "digests", "receive"];
 
 /// How long a command waits for another one using the same pool.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
