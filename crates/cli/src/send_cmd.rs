@@ -11,7 +11,7 @@ use thinvol_catalog::{CatalogPool, Name};
 use thinvol_ops::Progress;
 use thinvol_stream::digest;
 use thinvol_stream::format::{BEGIN_FLAG_FROM_EACH, BEGIN_FLAG_GROUP};
-use thinvol_stream::plan::{self, PartSpec, Plan};
+use thinvol_stream::plan::{self, PartDigest, PartSpec, Plan};
 use thinvol_stream::receive::{self, ReceiveOptions};
 use thinvol_stream::send::{self, DataSource, SendOptions};
 use thinvol_stream::token::Token;
@@ -201,25 +201,52 @@ fn plan_send(a: &SendArgs, names: &[Name], hold: bool) -> Result<Planned> {
     let pool = names[0].pool.clone();
     with_pool(&pool, |h| {
         let (specs, flags) = build_specs(h, a, names)?;
-        // A dry run needs only the record list; its length does not depend on the
-        // digests' values, so it reads no data.
+        // A dry run needs only the record list (its length does not depend on the
+        // digests' values): it reads no data. A send derives a missing digest while
+        // streaming, from its base's (cost ∝ change, no extra pass over the data).
         let mut digests = Vec::new();
-        for s in &specs {
-            if hold {
-                let v = h.catalog.volume(&pool, &s.volume)?.clone();
-                let d = digest::snapshot_digest(&h.pool, &h.dir, &v, &s.snap)?;
-                digests.push(d.to_bytes());
+        for (i, s) in specs.iter().enumerate() {
+            let v = h.catalog.volume(&pool, &s.volume)?.clone();
+            let d = if !hold {
+                PartDigest::Known(digest::LtHash::default().to_bytes())
+            } else if let Some(d) = digest::load(&h.dir, &s.snap.uuid) {
+                PartDigest::Known(d.to_bytes())
             } else {
-                digests.push(digest::LtHash::default().to_bytes());
-            }
+                match &s.base {
+                    None => PartDigest::FromBase(digest::LtHash::default().to_bytes()),
+                    Some((_, b)) if b.size == s.snap.size => {
+                        if i > 0 && specs[i - 1].snap.uuid == b.uuid {
+                            PartDigest::FromPrevious
+                        } else {
+                            let bd = digest::snapshot_digest(&h.pool, &h.dir, &v, b)?;
+                            PartDigest::FromBase(bd.to_bytes())
+                        }
+                    }
+                    Some(_) => PartDigest::Known(
+                        digest::snapshot_digest(&h.pool, &h.dir, &v, &s.snap)?.to_bytes(),
+                    ),
+                }
+            };
+            digests.push(d);
         }
         let pool_uuid = h.catalog.pool_uuid.clone();
         let plan = plan::build(&h.pool, &pool_uuid, &pool, flags, &specs, digests)?;
         let mut held = Vec::new();
         if hold {
             let tag = format!("{HOLD_PREFIX}.{}", std::process::id());
+            // Every snapshot whose blocks the stream reads: the sent ones and their
+            // bases (old contents for the digest).
+            let mut names = Vec::new();
             for s in &specs {
-                let n = Name::parse_snapshot(&format!("{pool}/{}@{}", s.volume, s.snapshot))?;
+                names.push(format!("{pool}/{}@{}", s.volume, s.snapshot));
+                if let Some((b, _)) = &s.base {
+                    names.push(format!("{pool}/{}@{b}", s.volume));
+                }
+            }
+            names.sort();
+            names.dedup();
+            for n in names {
+                let n = Name::parse_snapshot(&n)?;
                 thinvol_catalog::ops::hold(h, &n, &tag)?;
                 held.push(n);
             }
@@ -322,6 +349,14 @@ pub fn send_cmd(a: SendArgs) -> Result<ExitCode> {
     let token = resume.as_deref().map(Token::decode).transpose()?;
     let p = plan_send(&a, &names, true)?;
     let r = stream_out(&a, &p, token.as_ref(), remote.as_ref());
+    if let Ok(sum) = &r {
+        for (uuid, d) in &sum.computed {
+            if let Some(d) = digest::LtHash::from_bytes(d) {
+                // Best effort: a missing digest is derived again next time.
+                let _ = digest::store(&p.pool_dir, uuid, &d);
+            }
+        }
+    }
     let rel = release(&p.held);
     r?;
     rel?;
@@ -333,7 +368,7 @@ fn stream_out(
     p: &Planned,
     token: Option<&Token>,
     remote: Option<&crate::send_ssh::Remote>,
-) -> Result<()> {
+) -> Result<send::SendSummary> {
     let mut start_seq = 0;
     if let Some(t) = token {
         if !p.plan.matches_id(&t.stream_id) {
@@ -406,6 +441,7 @@ fn stream_out(
     }
     let sum = r?;
     flushed.context("writing the stream")?;
+    let ret = sum.clone();
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         let j = serde_json::json!({
@@ -435,7 +471,7 @@ fn stream_out(
             rate(sum.stream_bytes, secs)
         );
     }
-    Ok(())
+    Ok(ret)
 }
 
 fn input(a: &ReceiveArgs) -> Result<Box<dyn Read>> {

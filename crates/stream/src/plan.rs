@@ -23,6 +23,9 @@ pub enum Item {
         offset: u64,
         len: u64,
         src: Vec<(u64, u64)>,
+        /// The base's data at the changed blocks: (volume offset, data device byte
+        /// offset, length), for deriving the digest while streaming.
+        old: Vec<(u64, u64, u64)>,
     },
     Zero {
         offset: u64,
@@ -31,7 +34,20 @@ pub enum Item {
     Unmap {
         offset: u64,
         len: u64,
+        old: Vec<(u64, u64, u64)>,
     },
+}
+
+/// How a part's content digest is obtained.
+#[derive(Clone, Debug)]
+pub enum PartDigest {
+    /// Already known (stored, or computed before streaming).
+    Known(Vec<u8>),
+    /// Derived while streaming: this base digest (zero for a full stream), minus the
+    /// old contents the items name, plus the data sent.
+    FromBase(Vec<u8>),
+    /// Like `FromBase`, the base being the previous part's snapshot (`--from-each`).
+    FromPrevious,
 }
 
 /// What to send for one snapshot.
@@ -51,7 +67,7 @@ pub struct PartPlan {
     pub zero_bytes: u64,
     pub unmap_bytes: u64,
     /// Content digest of the snapshot (PART_END).
-    pub digest: Vec<u8>,
+    pub digest: PartDigest,
 }
 
 #[derive(Clone, Debug)]
@@ -63,12 +79,21 @@ pub struct Plan {
     pub stream_id: [u8; 32],
 }
 
-fn push_data(items: &mut Vec<Item>, offset: u64, len: u64, phys: u64) {
+fn push_old(old: &mut Vec<(u64, u64, u64)>, offset: u64, phys: Option<u64>, len: u64) {
+    let Some(phys) = phys else { return };
+    match old.last_mut() {
+        Some((o, p, n)) if *o + *n == offset && *p + *n == phys => *n += len,
+        _ => old.push((offset, phys, len)),
+    }
+}
+
+fn push_data(items: &mut Vec<Item>, offset: u64, len: u64, phys: u64, old_phys: Option<u64>) {
     // Extend the previous DATA item when contiguous in the volume and under MAX_DATA.
     if let Some(Item::Data {
         offset: o,
         len: l,
         src,
+        old,
     }) = items.last_mut()
     {
         if *o + *l == offset && *l + len <= MAX_DATA {
@@ -77,33 +102,46 @@ fn push_data(items: &mut Vec<Item>, offset: u64, len: u64, phys: u64) {
                 Some((p, n)) if *p + *n == phys => *n += len,
                 _ => src.push((phys, len)),
             }
+            push_old(old, offset, old_phys, len);
             return;
         }
     }
+    let mut old = Vec::new();
+    push_old(&mut old, offset, old_phys, len);
     items.push(Item::Data {
         offset,
         len,
         src: vec![(phys, len)],
+        old,
     });
 }
 
-fn push_range(items: &mut Vec<Item>, zero: bool, offset: u64, len: u64) {
+fn push_range(items: &mut Vec<Item>, zero: bool, offset: u64, len: u64, old_phys: Option<u64>) {
     if len == 0 {
         return;
     }
     match items.last_mut() {
         Some(Item::Zero { offset: o, len: l }) if zero && *o + *l == offset => *l += len,
-        Some(Item::Unmap { offset: o, len: l }) if !zero && *o + *l == offset => *l += len,
+        Some(Item::Unmap {
+            offset: o,
+            len: l,
+            old,
+        }) if !zero && *o + *l == offset => {
+            *l += len;
+            push_old(old, offset, old_phys, len);
+        }
         _ => items.push(if zero {
             Item::Zero { offset, len }
         } else {
-            Item::Unmap { offset, len }
+            let mut old = Vec::new();
+            push_old(&mut old, offset, old_phys, len);
+            Item::Unmap { offset, len, old }
         }),
     }
 }
 
 /// Add a mapped block `vb` (physical `pb`) clipped to `size`, split at MAX_DATA.
-fn push_block(items: &mut Vec<Item>, bs: u64, size: u64, vb: u64, pb: u64) {
+fn push_block(items: &mut Vec<Item>, bs: u64, size: u64, vb: u64, pb: u64, old: Option<u64>) {
     let off = vb * bs;
     if off >= size {
         return;
@@ -112,7 +150,13 @@ fn push_block(items: &mut Vec<Item>, bs: u64, size: u64, vb: u64, pb: u64) {
     let mut done = 0;
     while done < len {
         let n = (MAX_DATA - (off + done) % MAX_DATA).min(len - done);
-        push_data(items, off + done, n, pb * bs + done);
+        push_data(
+            items,
+            off + done,
+            n,
+            pb * bs + done,
+            old.map(|o| o * bs + done),
+        );
         done += n;
     }
 }
@@ -130,11 +174,11 @@ pub fn part_items(pool: &Pool, spec: &PartSpec) -> Result<Vec<Item>> {
                 if off >= size {
                     break;
                 }
-                push_range(&mut items, true, pos, off - pos);
-                push_block(&mut items, bs, size, vb.0, pb.0);
+                push_range(&mut items, true, pos, off - pos, None);
+                push_block(&mut items, bs, size, vb.0, pb.0, None);
                 pos = (off + bs).min(size);
             }
-            push_range(&mut items, true, pos, size - pos);
+            push_range(&mut items, true, pos, size - pos, None);
         }
         Some((_, b)) => {
             let (deltas, _) = pool.delta(ThinId(b.thin_id), ThinId(spec.snap.thin_id), false)?;
@@ -143,13 +187,18 @@ pub fn part_items(pool: &Pool, spec: &PartSpec) -> Result<Vec<Item>> {
                 if off >= size {
                     break;
                 }
+                let old = d.left.map(|b| b.0);
                 match (d.kind(), d.right) {
                     (DeltaKind::Different | DeltaKind::RightOnly, Some(pb)) => {
-                        push_block(&mut items, bs, size, d.vblock, pb.0)
+                        push_block(&mut items, bs, size, d.vblock, pb.0, old)
                     }
-                    (DeltaKind::LeftOnly, _) => {
-                        push_range(&mut items, false, off, bs.min(size - off))
-                    }
+                    (DeltaKind::LeftOnly, _) => push_range(
+                        &mut items,
+                        false,
+                        off,
+                        bs.min(size - off),
+                        old.map(|o| o * bs),
+                    ),
                     _ => {}
                 }
             }
@@ -207,7 +256,7 @@ pub fn build(
     pool_name: &str,
     flags: u32,
     specs: &[PartSpec],
-    digests: Vec<Vec<u8>>,
+    digests: Vec<PartDigest>,
 ) -> Result<Plan> {
     let bs = pool.block_size();
     let mut parts = Vec::new();

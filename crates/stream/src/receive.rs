@@ -65,6 +65,12 @@ struct PartState {
     digest: Option<String>,
     /// Furthest byte written (records arrive in offset order).
     end: u64,
+    /// Device the part's base content is read from (digest derived while applying).
+    #[serde(default)]
+    base_thin: Option<u64>,
+    /// The digest derived so far, hex, as of the checkpoint; None: derive at the end.
+    #[serde(default)]
+    running: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -223,6 +229,9 @@ struct Rx<'c> {
     parts: Vec<Part>,
     since_checkpoint: u64,
     sum: ReceiveSummary,
+    /// The open part's digest being derived (base − old contents + new contents).
+    running: Option<LtHash>,
+    oldbuf: Vec<u8>,
 }
 
 fn refused(m: impl Into<String>) -> StreamError {
@@ -232,6 +241,11 @@ fn refused(m: impl Into<String>) -> StreamError {
 impl Rx<'_> {
     fn checkpoint(&mut self, next_seq: u64) -> Result<()> {
         self.cp.pool.commit()?;
+        if let Some(ps) = self.state.parts.last_mut() {
+            if ps.digest.is_none() {
+                ps.running = self.running.as_ref().map(|d| hex(&d.to_bytes()));
+            }
+        }
         self.state.next_seq = next_seq;
         save_state(&self.cp.dir, &self.key, &self.state)?;
         self.since_checkpoint = 0;
@@ -374,6 +388,32 @@ impl Rx<'_> {
                 .pool
                 .discard(ThinId(hidden), p.volume_size, base_size - p.volume_size)?;
         }
+        // Derive the digest while applying when the size stays (the common case);
+        // otherwise from the delta at PART_END.
+        let base_digest: Option<LtHash> = if p.is_full() {
+            Some(LtHash::default())
+        } else if base_size != p.volume_size {
+            None
+        } else if let Some(j) = (0..self.parts.len())
+            .rev()
+            .find(|&j| self.volume_name(&self.parts[j]) == vname)
+        {
+            self.state.parts[j]
+                .digest
+                .as_deref()
+                .and_then(unhex)
+                .and_then(|b| LtHash::from_bytes(&b))
+        } else {
+            let v = self.cp.catalog.volumes.get(&vname).cloned();
+            match v
+                .as_ref()
+                .and_then(|v| newest(v).map(|(_, s)| (v, s.clone())))
+            {
+                Some((v, s)) => Some(digest::snapshot_digest(&self.cp.pool, &self.cp.dir, v, &s)?),
+                None => None,
+            }
+        };
+        self.running = base_digest;
         self.parts.push(p.clone());
         self.state.parts.push(PartState {
             header: hex(&p.payload()),
@@ -384,7 +424,40 @@ impl Rx<'_> {
             records: 1,
             digest: None,
             end: 0,
+            base_thin: origin,
+            running: self.running.as_ref().map(|d| hex(&d.to_bytes())),
         });
+        Ok(())
+    }
+
+    /// Digest bookkeeping for a range about to change: subtract the base's old
+    /// contents (and, for DATA, add the new bytes). Ranges that do not start on a
+    /// 64 KiB chunk or end on one (other than the volume's end) fall back to the
+    /// derivation at PART_END.
+    fn note_range(&mut self, off: u64, len: u64, new: Option<&[u8]>) -> Result<()> {
+        let Some(d) = self.running.as_mut() else {
+            return Ok(());
+        };
+        let i = self.parts.len() - 1;
+        let size = self.parts[i].volume_size;
+        let end = off + len;
+        if off % digest::CHUNK != 0 || (end % digest::CHUNK != 0 && end != size) {
+            self.running = None;
+            return Ok(());
+        }
+        if let Some(base) = self.state.parts[i].base_thin {
+            let mut pos = off;
+            while pos < end {
+                let n = (end - pos).min(1 << 20);
+                self.oldbuf.resize(n as usize, 0);
+                self.cp.pool.read(ThinId(base), pos, &mut self.oldbuf)?;
+                d.apply_range(pos, &self.oldbuf, size, true);
+                pos += n;
+            }
+        }
+        if let Some(b) = new {
+            d.apply_range(off, b, size, false);
+        }
         Ok(())
     }
 
@@ -414,6 +487,7 @@ impl Rx<'_> {
             Body::Data { part, offset, data } => {
                 let n = data.len() as u64;
                 let h = self.cur(part, offset, n, "DATA")?;
+                self.note_range(offset, n, Some(&data))?;
                 self.cp.pool.write(ThinId(h), offset, &data)?;
                 let ps = self.state.parts.last_mut().expect("cur checked");
                 ps.data_bytes += n;
@@ -426,6 +500,7 @@ impl Rx<'_> {
             Body::Zero { part, offset, len } | Body::Unmap { part, offset, len } => {
                 let zero = matches!(body, Body::Zero { .. });
                 let h = self.cur(part, offset, len, if zero { "ZERO" } else { "UNMAP" })?;
+                self.note_range(offset, len, None)?;
                 self.cp.pool.discard(ThinId(h), offset, len)?;
                 let ps = self.state.parts.last_mut().expect("cur checked");
                 if zero {
@@ -457,7 +532,10 @@ impl Rx<'_> {
                     )));
                 }
                 self.cp.pool.commit()?;
-                let d = self.part_digest(i - 1)?;
+                let d = match self.running.take() {
+                    Some(d) => d,
+                    None => self.part_digest(i - 1)?,
+                };
                 let theirs = LtHash::from_bytes(&e.digest)
                     .ok_or_else(|| StreamError::Corrupt("bad digest length".into()))?;
                 if d != theirs {
@@ -686,11 +764,21 @@ pub fn receive(
         begin,
         parts,
         since_checkpoint: 0,
+        running: None,
+        oldbuf: Vec::new(),
         sum: ReceiveSummary {
             resumed_at: if resume_at > 1 { resume_at } else { 0 },
             ..Default::default()
         },
     };
+    rx.running = rx
+        .state
+        .parts
+        .last()
+        .filter(|p| p.digest.is_none())
+        .and_then(|p| p.running.as_deref())
+        .and_then(unhex)
+        .and_then(|b| LtHash::from_bytes(&b));
     progress(rx.state.data_done, total);
     let mut expected = resume_at;
     let every = checkpoint_bytes();

@@ -6,11 +6,12 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::digest::LtHash;
 use crate::error::{io, Result, StreamError};
 use crate::format::{
     encode_preamble, encode_record, frame, Body, End, PartEnd, KIND_DATA, PRE_FLAG_ZSTD,
 };
-use crate::plan::{info, Item, Plan};
+use crate::plan::{info, Item, PartDigest, Plan};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SendOptions {
@@ -29,6 +30,9 @@ pub struct SendSummary {
     pub zero_bytes: u64,
     pub unmap_bytes: u64,
     pub start_seq: u64,
+    /// Digests derived while streaming: (snapshot uuid, LtHash bytes), to store.
+    #[serde(skip)]
+    pub computed: Vec<(String, Vec<u8>)>,
 }
 
 /// Counts the bytes going through.
@@ -129,23 +133,54 @@ pub fn send(
     }
     seq += 1;
     let mut buf = Vec::new();
+    let mut oldbuf = Vec::new();
     let mut payload = Vec::new();
+    let mut prev: Option<LtHash> = None;
     for p in &plan.parts {
         let part = p.header.index;
+        let size = p.header.volume_size;
+        // The digest to derive while streaming, if it is not known yet.
+        let mut running: Option<LtHash> = match &p.digest {
+            PartDigest::Known(_) => None,
+            PartDigest::FromBase(b) => Some(
+                LtHash::from_bytes(b)
+                    .ok_or_else(|| StreamError::Other("bad base digest".into()))?,
+            ),
+            PartDigest::FromPrevious => Some(
+                prev.clone()
+                    .ok_or_else(|| StreamError::Other("no previous part digest".into()))?,
+            ),
+        };
         if seq >= opts.start_seq {
-            emit(
-                seq,
-                &encode_record(seq, &Body::Part(p.header.clone())),
-                &mut w,
-                &mut sum,
-            )?;
+            let b = encode_record(seq, &Body::Part(p.header.clone()));
+            emit(seq, &b, &mut w, &mut sum)?;
         }
         seq += 1;
         for it in &p.items {
+            if let Some(d) = running.as_mut() {
+                // Old contents out, new contents in (a record a resumed stream skips
+                // is read for this alone).
+                let old = match it {
+                    Item::Data { old, .. } | Item::Unmap { old, .. } => old.as_slice(),
+                    Item::Zero { .. } => &[],
+                };
+                for &(voff, phys, len) in old {
+                    data.read(&[(phys, len)], &mut oldbuf)?;
+                    d.apply_range(voff, &oldbuf, size, true);
+                }
+                if let Item::Data { offset, src, .. } = it {
+                    data.read(src, &mut buf)?;
+                    d.apply_range(*offset, &buf, size, false);
+                }
+            }
             if seq >= opts.start_seq {
                 match it {
-                    Item::Data { offset, len, src } => {
-                        data.read(src, &mut buf)?;
+                    Item::Data {
+                        offset, len, src, ..
+                    } => {
+                        if running.is_none() {
+                            data.read(src, &mut buf)?;
+                        }
                         payload.clear();
                         payload.extend_from_slice(&part.to_le_bytes());
                         payload.extend_from_slice(&0u32.to_le_bytes());
@@ -163,7 +198,7 @@ pub fn send(
                         };
                         emit(seq, &encode_record(seq, &b), &mut w, &mut sum)?;
                     }
-                    Item::Unmap { offset, len } => {
+                    Item::Unmap { offset, len, .. } => {
                         sum.unmap_bytes += len;
                         let b = Body::Unmap {
                             part,
@@ -176,6 +211,16 @@ pub fn send(
             }
             seq += 1;
         }
+        let digest_bytes = match (&p.digest, &running) {
+            (PartDigest::Known(b), _) => b.clone(),
+            (_, Some(d)) => {
+                let b = d.to_bytes();
+                sum.computed
+                    .push((p.header.snapshot_uuid.clone(), b.clone()));
+                b
+            }
+            _ => return Err(StreamError::Other("part digest missing".into())),
+        };
         if seq >= opts.start_seq {
             let e = Body::PartEnd(PartEnd {
                 index: part,
@@ -183,11 +228,12 @@ pub fn send(
                 zero_bytes: p.zero_bytes,
                 unmap_bytes: p.unmap_bytes,
                 nr_records: p.header.nr_records,
-                digest: p.digest.clone(),
+                digest: digest_bytes.clone(),
             });
             emit(seq, &encode_record(seq, &e), &mut w, &mut sum)?;
         }
         seq += 1;
+        prev = LtHash::from_bytes(&digest_bytes);
     }
     let end = Body::End(End {
         nr_records: plan.begin.nr_records,
