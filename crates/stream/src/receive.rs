@@ -441,7 +441,8 @@ impl Rx<'_> {
         let i = self.parts.len() - 1;
         let size = self.parts[i].volume_size;
         let end = off + len;
-        if off % digest::CHUNK != 0 || (end % digest::CHUNK != 0 && end != size) {
+        if !off.is_multiple_of(digest::CHUNK) || (!end.is_multiple_of(digest::CHUNK) && end != size)
+        {
             self.running = None;
             return Ok(());
         }
