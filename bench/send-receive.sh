@@ -95,11 +95,13 @@ stream_bytes=$($T send src/vm@b --from @a --dry-run 2>/dev/null)
 evict "$W/src" "$W/dst"
 t0=$(now); $T send -q src/vm@b --from @a | $T receive -q dst/vm; t1=$(now)
 t_tv=$(secs "$t0" "$t1")
+echo "# thinvol incremental: $t_tv s" >&2
 # The same bytes through a pipe into a file, fsynced (the receive commits too).
 $T send -q src/vm@b --from @a -o "$W/stream.bin"
 evict "$W/stream.bin"
 t0=$(now); cat "$W/stream.bin" | cat | dd of="$W/cat.out" bs=1M conv=fsync status=none; t1=$(now)
 t_cat=$(secs "$t0" "$t1")
+echo "# cat: $t_cat s" >&2
 rm -f "$W/cat.out"
 $T verify --full src/vm@b dst/vm@b >/dev/null
 # rsync between the raw images (dst.raw starts as a copy of a.raw).
