@@ -8,6 +8,7 @@
 //!   [`verify`]: comparing a replica with its source; [`ssh`]: the ssh transport.
 
 pub mod digest;
+pub mod digest_worker;
 pub mod error;
 pub mod file_target;
 pub mod format;

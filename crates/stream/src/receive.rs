@@ -20,10 +20,12 @@ use thinvol_catalog::{CatalogError, CatalogPool, Snapshot, Volume};
 use thinvol_engine::format::ThinId;
 
 use crate::digest::{self, hex, unhex, LtHash};
+use crate::digest_worker::DigestWorker;
 use crate::error::{io, Result, StreamError};
 use crate::format::{Begin, Body, Part, BEGIN_FLAG_GROUP};
 use crate::reader::{ReadError, StreamReader};
 use crate::token::Token;
+use std::sync::Arc;
 
 /// Data bytes between checkpoints (`THINVOL_CHECKPOINT_BYTES` overrides it, for tests).
 const CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -229,9 +231,10 @@ struct Rx<'c> {
     parts: Vec<Part>,
     since_checkpoint: u64,
     sum: ReceiveSummary,
-    /// The open part's digest being derived (base − old contents + new contents).
-    running: Option<LtHash>,
-    oldbuf: Vec<u8>,
+    /// Derives the open part's digest (base − old contents + new contents) on a
+    /// second thread; `deriving` says whether it is valid for the open part.
+    worker: DigestWorker,
+    deriving: bool,
 }
 
 fn refused(m: impl Into<String>) -> StreamError {
@@ -241,9 +244,15 @@ fn refused(m: impl Into<String>) -> StreamError {
 impl Rx<'_> {
     fn checkpoint(&mut self, next_seq: u64) -> Result<()> {
         self.cp.pool.commit()?;
+        let running = match self.state.parts.last() {
+            Some(ps) if ps.digest.is_none() && self.deriving => {
+                Some(hex(&self.worker.get()?.to_bytes()))
+            }
+            _ => None,
+        };
         if let Some(ps) = self.state.parts.last_mut() {
             if ps.digest.is_none() {
-                ps.running = self.running.as_ref().map(|d| hex(&d.to_bytes()));
+                ps.running = running;
             }
         }
         self.state.next_seq = next_seq;
@@ -413,7 +422,11 @@ impl Rx<'_> {
                 None => None,
             }
         };
-        self.running = base_digest;
+        self.deriving = base_digest.is_some();
+        let running = base_digest.as_ref().map(|d| hex(&d.to_bytes()));
+        if let Some(d) = base_digest {
+            self.worker.set(d)?;
+        }
         self.parts.push(p.clone());
         self.state.parts.push(PartState {
             header: hex(&p.payload()),
@@ -425,7 +438,7 @@ impl Rx<'_> {
             digest: None,
             end: 0,
             base_thin: origin,
-            running: self.running.as_ref().map(|d| hex(&d.to_bytes())),
+            running,
         });
         Ok(())
     }
@@ -434,30 +447,23 @@ impl Rx<'_> {
     /// contents (and, for DATA, add the new bytes). Ranges that do not start on a
     /// 64 KiB chunk or end on one (other than the volume's end) fall back to the
     /// derivation at PART_END.
-    fn note_range(&mut self, off: u64, len: u64, new: Option<&[u8]>) -> Result<()> {
-        let Some(d) = self.running.as_mut() else {
+    fn note_range(&mut self, off: u64, len: u64, new: Option<Arc<Vec<u8>>>) -> Result<()> {
+        if !self.deriving {
             return Ok(());
-        };
+        }
         let i = self.parts.len() - 1;
         let size = self.parts[i].volume_size;
         let end = off + len;
         if !off.is_multiple_of(digest::CHUNK) || (!end.is_multiple_of(digest::CHUNK) && end != size)
         {
-            self.running = None;
+            self.deriving = false;
             return Ok(());
         }
         if let Some(base) = self.state.parts[i].base_thin {
-            let mut pos = off;
-            while pos < end {
-                let n = (end - pos).min(1 << 20);
-                self.oldbuf.resize(n as usize, 0);
-                self.cp.pool.read(ThinId(base), pos, &mut self.oldbuf)?;
-                d.apply_range(pos, &self.oldbuf, size, true);
-                pos += n;
-            }
+            self.worker.sub_device(off, len, base, size)?;
         }
         if let Some(b) = new {
-            d.apply_range(off, b, size, false);
+            self.worker.bytes(off, b, size, false)?;
         }
         Ok(())
     }
@@ -488,7 +494,8 @@ impl Rx<'_> {
             Body::Data { part, offset, data } => {
                 let n = data.len() as u64;
                 let h = self.cur(part, offset, n, "DATA")?;
-                self.note_range(offset, n, Some(&data))?;
+                let data = Arc::new(data);
+                self.note_range(offset, n, Some(data.clone()))?;
                 self.cp.pool.write(ThinId(h), offset, &data)?;
                 let ps = self.state.parts.last_mut().expect("cur checked");
                 ps.data_bytes += n;
@@ -533,9 +540,11 @@ impl Rx<'_> {
                     )));
                 }
                 self.cp.pool.commit()?;
-                let d = match self.running.take() {
-                    Some(d) => d,
-                    None => self.part_digest(i - 1)?,
+                let d = if self.deriving {
+                    self.deriving = false;
+                    self.worker.get()?
+                } else {
+                    self.part_digest(i - 1)?
                 };
                 let theirs = LtHash::from_bytes(&e.digest)
                     .ok_or_else(|| StreamError::Corrupt("bad digest length".into()))?;
@@ -756,6 +765,7 @@ pub fn receive(
         .collect::<Result<Vec<_>>>()?;
     let resume_at = state.next_seq;
     let total = begin.data_bytes;
+    let cp_pool = cp.pool.clone();
     let mut rx = Rx {
         cp,
         key,
@@ -765,21 +775,25 @@ pub fn receive(
         begin,
         parts,
         since_checkpoint: 0,
-        running: None,
-        oldbuf: Vec::new(),
+        worker: DigestWorker::new(Some(cp_pool)),
+        deriving: false,
         sum: ReceiveSummary {
             resumed_at: if resume_at > 1 { resume_at } else { 0 },
             ..Default::default()
         },
     };
-    rx.running = rx
+    if let Some(d) = rx
         .state
         .parts
         .last()
         .filter(|p| p.digest.is_none())
         .and_then(|p| p.running.as_deref())
         .and_then(unhex)
-        .and_then(|b| LtHash::from_bytes(&b));
+        .and_then(|b| LtHash::from_bytes(&b))
+    {
+        rx.worker.set(d)?;
+        rx.deriving = true;
+    }
     progress(rx.state.data_done, total);
     let mut expected = resume_at;
     let every = checkpoint_bytes();

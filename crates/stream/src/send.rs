@@ -7,6 +7,10 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::digest::LtHash;
+use crate::digest_worker::DigestWorker;
+
+/// Records whose blocks are being read ahead.
+const READ_AHEAD: usize = 32;
 use crate::error::{io, Result, StreamError};
 use crate::format::{
     encode_preamble, encode_record, frame, Body, End, PartEnd, KIND_DATA, PRE_FLAG_ZSTD,
@@ -63,6 +67,40 @@ impl DataSource {
         let file = std::fs::File::open(&p).map_err(io(format!("opening {}", p.display())))?;
         Ok(DataSource { file })
     }
+    /// Ask the kernel to start reading an item's blocks (POSIX_FADV_WILLNEED).
+    fn prefetch(&self, it: &Item, old_too: bool) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let advise = |off: u64, len: u64| {
+            // SAFETY: posix_fadvise on a valid descriptor with integer arguments.
+            unsafe {
+                libc::posix_fadvise(
+                    fd,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        };
+        match it {
+            Item::Data { src, old, .. } => {
+                for &(p, n) in src {
+                    advise(p, n);
+                }
+                if old_too {
+                    for &(_, p, n) in old {
+                        advise(p, n);
+                    }
+                }
+            }
+            Item::Unmap { old, .. } if old_too => {
+                for &(_, p, n) in old {
+                    advise(p, n);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn read(&self, src: &[(u64, u64)], out: &mut Vec<u8>) -> Result<()> {
         use std::os::unix::fs::FileExt;
         out.clear();
@@ -133,14 +171,16 @@ pub fn send(
     }
     seq += 1;
     let mut buf = Vec::new();
-    let mut oldbuf = Vec::new();
     let mut payload = Vec::new();
     let mut prev: Option<LtHash> = None;
+    let worker = DigestWorker::new(None);
+    // Read-ahead: the kernel fetches the next records' blocks while this one is sent.
+    let mut ahead;
     for p in &plan.parts {
         let part = p.header.index;
         let size = p.header.volume_size;
         // The digest to derive while streaming, if it is not known yet.
-        let mut running: Option<LtHash> = match &p.digest {
+        let start: Option<LtHash> = match &p.digest {
             PartDigest::Known(_) => None,
             PartDigest::FromBase(b) => Some(
                 LtHash::from_bytes(b)
@@ -151,13 +191,23 @@ pub fn send(
                     .ok_or_else(|| StreamError::Other("no previous part digest".into()))?,
             ),
         };
+        let deriving = start.is_some();
+        if let Some(d) = start {
+            worker.set(d)?;
+        }
+        ahead = 0;
         if seq >= opts.start_seq {
             let b = encode_record(seq, &Body::Part(p.header.clone()));
             emit(seq, &b, &mut w, &mut sum)?;
         }
         seq += 1;
-        for it in &p.items {
-            if let Some(d) = running.as_mut() {
+        for (j, it) in p.items.iter().enumerate() {
+            while ahead < p.items.len() && ahead < j + READ_AHEAD {
+                data.prefetch(&p.items[ahead], deriving);
+                ahead += 1;
+            }
+            let mut sent_buf: Option<std::sync::Arc<Vec<u8>>> = None;
+            if deriving {
                 // Old contents out, new contents in (a record a resumed stream skips
                 // is read for this alone).
                 let old = match it {
@@ -165,12 +215,16 @@ pub fn send(
                     Item::Zero { .. } => &[],
                 };
                 for &(voff, phys, len) in old {
-                    data.read(&[(phys, len)], &mut oldbuf)?;
-                    d.apply_range(voff, &oldbuf, size, true);
+                    let mut ob = Vec::new();
+                    data.read(&[(phys, len)], &mut ob)?;
+                    worker.bytes(voff, std::sync::Arc::new(ob), size, true)?;
                 }
                 if let Item::Data { offset, src, .. } = it {
-                    data.read(src, &mut buf)?;
-                    d.apply_range(*offset, &buf, size, false);
+                    let mut nb = Vec::new();
+                    data.read(src, &mut nb)?;
+                    let nb = std::sync::Arc::new(nb);
+                    worker.bytes(*offset, nb.clone(), size, false)?;
+                    sent_buf = Some(nb);
                 }
             }
             if seq >= opts.start_seq {
@@ -178,14 +232,14 @@ pub fn send(
                     Item::Data {
                         offset, len, src, ..
                     } => {
-                        if running.is_none() {
+                        if sent_buf.is_none() {
                             data.read(src, &mut buf)?;
                         }
                         payload.clear();
                         payload.extend_from_slice(&part.to_le_bytes());
                         payload.extend_from_slice(&0u32.to_le_bytes());
                         payload.extend_from_slice(&offset.to_le_bytes());
-                        payload.extend_from_slice(&buf);
+                        payload.extend_from_slice(sent_buf.as_deref().map_or(&buf[..], |b| &b[..]));
                         sum.data_bytes += len;
                         emit(seq, &frame(KIND_DATA, 0, seq, &payload), &mut w, &mut sum)?;
                     }
@@ -211,15 +265,14 @@ pub fn send(
             }
             seq += 1;
         }
-        let digest_bytes = match (&p.digest, &running) {
-            (PartDigest::Known(b), _) => b.clone(),
-            (_, Some(d)) => {
-                let b = d.to_bytes();
+        let digest_bytes = match &p.digest {
+            PartDigest::Known(b) => b.clone(),
+            _ => {
+                let b = worker.get()?.to_bytes();
                 sum.computed
                     .push((p.header.snapshot_uuid.clone(), b.clone()));
                 b
             }
-            _ => return Err(StreamError::Other("part digest missing".into())),
         };
         if seq >= opts.start_seq {
             let e = Body::PartEnd(PartEnd {
