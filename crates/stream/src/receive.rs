@@ -27,14 +27,24 @@ use crate::reader::{ReadError, StreamReader};
 use crate::token::Token;
 use std::sync::Arc;
 
-/// Data bytes between checkpoints (`THINVOL_CHECKPOINT_BYTES` overrides it, for tests).
+/// Checkpoints (pool commit + state file) come at most every CHECKPOINT_SECS, once
+/// CHECKPOINT_BYTES of data arrived since the last, or after CHECKPOINT_MAX_BYTES:
+/// each commit waits for the data written since the last to reach the disk, so
+/// frequent ones stall the stream. `THINVOL_CHECKPOINT_BYTES` (tests) sets a pure
+/// byte interval.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_MAX_BYTES: u64 = 4 << 30;
+const CHECKPOINT_SECS: u64 = 10;
 
-fn checkpoint_bytes() -> u64 {
-    std::env::var("THINVOL_CHECKPOINT_BYTES")
+/// (bytes, minimum interval) between checkpoints.
+fn checkpoint_policy() -> (u64, std::time::Duration) {
+    match std::env::var("THINVOL_CHECKPOINT_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(CHECKPOINT_BYTES)
+    {
+        Some(b) => (b, std::time::Duration::ZERO),
+        None => (CHECKPOINT_BYTES, std::time::Duration::from_secs(CHECKPOINT_SECS)),
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -796,7 +806,8 @@ pub fn receive(
     }
     progress(rx.state.data_done, total);
     let mut expected = resume_at;
-    let every = checkpoint_bytes();
+    let (every, min_interval) = checkpoint_policy();
+    let mut last_checkpoint = std::time::Instant::now();
     loop {
         let (rec, _) = match rd.next_record() {
             Ok(Some(r)) => r,
@@ -870,7 +881,9 @@ pub fn receive(
         }
         expected += 1;
         progress(rx.state.data_done, total);
-        if is_end_of_part || rx.since_checkpoint >= every {
+        let due = rx.since_checkpoint >= every && last_checkpoint.elapsed() >= min_interval;
+        if is_end_of_part || due || rx.since_checkpoint >= CHECKPOINT_MAX_BYTES {
+            last_checkpoint = std::time::Instant::now();
             rx.checkpoint(expected)?;
         }
     }
