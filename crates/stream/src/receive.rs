@@ -43,7 +43,10 @@ fn checkpoint_policy() -> (u64, std::time::Duration) {
         .and_then(|v| v.parse().ok())
     {
         Some(b) => (b, std::time::Duration::ZERO),
-        None => (CHECKPOINT_BYTES, std::time::Duration::from_secs(CHECKPOINT_SECS)),
+        None => (
+            CHECKPOINT_BYTES,
+            std::time::Duration::from_secs(CHECKPOINT_SECS),
+        ),
     }
 }
 
