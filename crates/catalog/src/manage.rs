@@ -39,8 +39,9 @@ pub const POOL_FILES: &[&str] = &[
     control::CONTROL_SOCKET,
 ];
 
-/// Directories of a pool directory that `pool destroy` removes with their contents.
-pub const POOL_DIRS: &[&str] = &["archive"];
+/// Directories of a pool directory that `pool destroy` removes with their contents
+/// (`digests` and `receive`: send/receive, crates/stream).
+pub const POOL_DIRS: &[&str] = &["archive", "digests", "receive"];
 
 /// How long a command waits for another one using the same pool.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -624,6 +625,9 @@ pub fn check(cp: &CatalogPool) -> Result<CheckReport> {
             }
         }
     }
+    // Hidden devices (an unfinished receive) are named too, with no size to check.
+    names += c.hidden.len();
+    max_id = max_id.max(c.hidden.keys().copied().max().unwrap_or(0));
     let ids = c.thin_ids();
     if ids.len() != names {
         cat.push(format!(

@@ -68,6 +68,11 @@ pub struct Catalog {
     pub next_thin_id: u64,
     pub settings: Settings,
     pub volumes: BTreeMap<String, Volume>,
+    /// Thin devices that belong to no volume yet: the devices an unfinished `thinvol
+    /// receive` writes into (thin id -> what they are for). Listings do not show them;
+    /// a receive publishes (renames) or aborts (deletes) them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hidden: BTreeMap<u64, String>,
 }
 
 impl Catalog {
@@ -79,6 +84,7 @@ impl Catalog {
             next_thin_id: 1,
             settings,
             volumes: BTreeMap::new(),
+            hidden: BTreeMap::new(),
         }
     }
 
@@ -143,6 +149,9 @@ impl Catalog {
             for (sn, s) in &v.snapshots {
                 m.insert(s.thin_id, format!("{vn}@{sn}"));
             }
+        }
+        for (id, what) in &self.hidden {
+            m.insert(*id, format!("(hidden: {what})"));
         }
         m
     }

@@ -1,7 +1,7 @@
 //! Exit codes (documented in README.md and `thinvol --help`):
 //! 0 success; 1 error; 2 usage (bad arguments, names, sizes); 3 no such pool, volume,
-//! snapshot or device; 4 no space; 5 corrupt metadata, catalog and pool disagree, or a
-//! check that found problems; 6 refused (held, has dependents, not empty, in use);
+//! snapshot or device; 4 no space; 5 corrupt metadata, catalog and pool disagree, a
+//! check that found problems, a corrupt replication stream or a verify mismatch; 6 refused (held, has dependents, not empty, in use);
 //! 7 already exists; 10, 11, 12 `pool status --check`: usage at or above the lowest,
 //! middle, highest threshold (10 + index of the highest threshold reached).
 
@@ -45,23 +45,38 @@ pub fn threshold_code(level: usize) -> ExitCode {
     }
 }
 
+fn catalog_code(c: &CatalogError) -> u8 {
+    match c {
+        CatalogError::Engine(err) => engine_code(err),
+        CatalogError::Io { .. } => ERROR,
+        CatalogError::BadName { .. } | CatalogError::BadArgument { .. } => USAGE,
+        CatalogError::NotFound { .. } => NOT_FOUND,
+        CatalogError::Exists { .. } => EXISTS,
+        CatalogError::Refused { .. } => REFUSED,
+        CatalogError::BadCatalog { .. } | CatalogError::Diverged { .. } => CORRUPT,
+        #[allow(unreachable_patterns)]
+        _ => ERROR,
+    }
+}
+
 pub fn code_for(e: &anyhow::Error) -> ExitCode {
     for cause in e.chain() {
         if cause.downcast_ref::<crate::common::UsageError>().is_some() {
             return ExitCode::from(USAGE);
         }
+        if let Some(s) = cause.downcast_ref::<thinvol_stream::StreamError>() {
+            use thinvol_stream::StreamError as S;
+            match s {
+                S::Format(_) | S::Corrupt(_) => return ExitCode::from(CORRUPT),
+                S::Refused(_) | S::BadToken(_) => return ExitCode::from(REFUSED),
+                S::NotFound(_) => return ExitCode::from(NOT_FOUND),
+                S::Engine(err) => return ExitCode::from(engine_code(err)),
+                S::Catalog(c) => return ExitCode::from(catalog_code(c)),
+                _ => return ExitCode::from(ERROR),
+            }
+        }
         if let Some(c) = cause.downcast_ref::<CatalogError>() {
-            return ExitCode::from(match c {
-                CatalogError::Engine(err) => engine_code(err),
-                CatalogError::Io { .. } => ERROR,
-                CatalogError::BadName { .. } | CatalogError::BadArgument { .. } => USAGE,
-                CatalogError::NotFound { .. } => NOT_FOUND,
-                CatalogError::Exists { .. } => EXISTS,
-                CatalogError::Refused { .. } => REFUSED,
-                CatalogError::BadCatalog { .. } | CatalogError::Diverged { .. } => CORRUPT,
-                #[allow(unreachable_patterns)]
-                _ => ERROR,
-            });
+            return ExitCode::from(catalog_code(c));
         }
         let engine = cause.downcast_ref::<thinvol_engine::Error>().or_else(|| {
             match cause.downcast_ref::<thinvol_ops::copy::CopyError>() {

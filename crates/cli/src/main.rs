@@ -7,6 +7,9 @@ mod image_cmd;
 mod pool_cmd;
 mod progress;
 mod serve_cmd;
+mod send_cmd;
+mod send_file;
+mod send_ssh;
 mod thin;
 mod vol_cmd;
 
@@ -62,6 +65,14 @@ enum Cmd {
     /// POOLDIR/control.sock while they run. SIGTERM finishes in-flight requests,
     /// commits and exits.
     Serve(serve_cmd::ServeArgs),
+    /// Write a replication stream of snapshots (full, incremental, every snapshot since
+    /// a base, or a consistency group) to stdout, a file, or a receiver over ssh.
+    Send(send_cmd::SendArgs),
+    /// Apply a replication stream to a pool volume (or a raw file with --to-file); the
+    /// new snapshot appears only when the whole stream verified.
+    Receive(send_cmd::ReceiveArgs),
+    /// Prove a replica equals its source snapshot (stored digests; --full re-reads).
+    Verify(send_cmd::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +88,9 @@ fn main() -> ExitCode {
         Cmd::History(a) => archive_cmd::history(a),
         Cmd::Restore(a) => archive_cmd::restore(a),
         Cmd::Serve(a) => serve_cmd::run(a),
+        Cmd::Send(a) => send_cmd::send_cmd(a),
+        Cmd::Receive(a) => send_cmd::receive_cmd(a),
+        Cmd::Verify(a) => send_file::verify_cmd(a),
     };
     match r {
         Ok(code) => code,

@@ -18,6 +18,15 @@ impl Bar {
     }
 }
 
+impl Bar {
+    /// Set the position (for progress reported as totals).
+    pub fn set(&mut self, pos: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+    }
+}
+
 impl Progress for Bar {
     fn start(&mut self, what: &str, total: u64) {
         if let Some(b) = &self.bar {
