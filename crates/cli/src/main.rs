@@ -6,10 +6,10 @@ mod exit;
 mod image_cmd;
 mod pool_cmd;
 mod progress;
-mod serve_cmd;
 mod send_cmd;
 mod send_file;
 mod send_ssh;
+mod serve_cmd;
 mod thin;
 mod vol_cmd;
 
