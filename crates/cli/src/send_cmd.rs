@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use thinvol_catalog::manage::Opened;
 use thinvol_catalog::{CatalogPool, Name};
 use thinvol_ops::Progress;
 use thinvol_stream::digest;
@@ -233,6 +234,7 @@ fn plan_send(a: &SendArgs, names: &[Name], hold: bool) -> Result<Planned> {
         let plan = plan::build(&h.pool, &pool_uuid, &pool, flags, &specs, digests)?;
         let mut held = Vec::new();
         if hold {
+            release_stale_holds(h, &pool)?;
             let tag = format!("{HOLD_PREFIX}.{}", std::process::id());
             // Every snapshot whose blocks the stream reads: the sent ones and their
             // bases (old contents for the digest).
@@ -263,6 +265,34 @@ fn plan_send(a: &SendArgs, names: &[Name], hold: bool) -> Result<Planned> {
             desc,
         })
     })
+}
+
+/// Release the holds of senders that no longer run (`send.PID` with no process PID, e.g.
+/// a sender killed with SIGKILL), so that they do not keep snapshots forever. A PID
+/// reused by another process keeps the stale hold: the safe side.
+fn release_stale_holds(h: &mut Opened, pool: &str) -> Result<()> {
+    let mut stale = Vec::new();
+    for (vn, v) in &h.catalog.volumes {
+        for (sn, s) in &v.snapshots {
+            for tag in &s.holds {
+                let pid = tag
+                    .strip_prefix(HOLD_PREFIX)
+                    .and_then(|r| r.strip_prefix('.'))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        stale.push((format!("{pool}/{vn}@{sn}"), tag.clone()));
+                    }
+                }
+            }
+        }
+    }
+    for (n, tag) in stale {
+        let n = Name::parse_snapshot(&n)?;
+        thinvol_catalog::ops::release(h, &n, &tag)?;
+        eprintln!("thinvol: released {n} ({tag}): that sender no longer runs");
+    }
+    Ok(())
 }
 
 fn join(names: &[Name]) -> String {

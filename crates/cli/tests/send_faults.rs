@@ -293,3 +293,20 @@ fn file_target_faults_roll_back_or_recover() {
     assert_eq!(std::fs::read(&f).unwrap(), b);
     e.verify_full("src/vm@s2", &format!("file:{f}"));
 }
+
+/// A sender killed with SIGKILL leaves its `send.PID` hold; the next send releases the
+/// holds of senders that no longer run, and keeps the others.
+#[test]
+fn next_send_releases_holds_of_dead_senders() {
+    let e = Env::new();
+    let _ = setup(&e);
+    // PIDs above pid_max never exist; 1 always does.
+    e.ok(&["hold", "src/vm@s1", "--tag", "send.4294967295"]);
+    e.ok(&["hold", "src/vm@s1", "--tag", "send.1"]);
+    e.ok(&["hold", "src/vm@s1", "--tag", "keep"]);
+    let _ = e.send(&["src/vm@s2", "--from", "@s1"]);
+    let l = e.ok(&["list", "src", "--json"]);
+    assert!(!l.contains("send.4294967295"), "{l}");
+    assert!(l.contains("send.1"), "{l}");
+    assert!(l.contains("keep"), "{l}");
+}
