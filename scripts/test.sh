@@ -15,7 +15,7 @@ step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "installing Debian packages"
 need=()
-for p in thin-provisioning-tools libnbd-bin qemu-utils e2fsprogs util-linux fuse3 openssh-server openssh-client rsync zstd; do
+for p in thin-provisioning-tools libnbd-bin qemu-utils e2fsprogs util-linux mount fuse3 openssh-server openssh-client rsync zstd; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
