@@ -8,7 +8,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,47 +26,11 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub struct Env {
-    pub tmp: tempfile::TempDir,
-}
+#[path = "../cli_env/mod.rs"]
+mod cli_env;
+pub use cli_env::Env;
 
 impl Env {
-    pub fn new() -> Env {
-        Env {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    pub fn path(&self, p: &str) -> PathBuf {
-        self.tmp.path().join(p)
-    }
-
-    pub fn p(&self, p: &str) -> String {
-        self.path(p).to_str().unwrap().to_string()
-    }
-
-    pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_thinvol"));
-        c.env("THINVOL_HOME", self.path("home"));
-        c
-    }
-
-    pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "thinvol {args:?} failed ({:?}): {}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     /// A pool `tank` (64 KiB blocks) of `size`.
     pub fn pool(&self, size: &str) {
         self.ok(&[

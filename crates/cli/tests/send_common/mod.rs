@@ -3,62 +3,17 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 pub const MIB: usize = 1 << 20;
 
-pub struct Env {
-    pub tmp: tempfile::TempDir,
-}
-
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinvol")
-}
+#[path = "../cli_env/mod.rs"]
+mod cli_env;
+#[allow(unused_imports)]
+pub use cli_env::{bin, Env};
 
 impl Env {
-    pub fn new() -> Env {
-        Env {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-    pub fn path(&self, p: &str) -> PathBuf {
-        self.tmp.path().join(p)
-    }
-    pub fn p(&self, p: &str) -> String {
-        self.path(p).to_str().unwrap().to_string()
-    }
-    pub fn cmd(&self) -> Command {
-        let mut c = Command::new(bin());
-        c.env("THINVOL_HOME", self.path("home"));
-        c
-    }
-    pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-    pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "thinvol {args:?} failed ({:?}): {}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-    /// Run, expect exit `code`, return stderr.
-    pub fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "thinvol {args:?}: stdout {} stderr {err}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        err
-    }
     pub fn pool(&self, name: &str) {
         self.ok(&[
             "pool",
