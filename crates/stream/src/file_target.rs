@@ -1,6 +1,7 @@
 //! Receiving into a raw image file or block device.
 //!
-//! `PATH.thinvol-state.json` records which snapshot the file holds (uuid, name, size,
+//! `PATH.thinvol-state.json` (for a block device: in `STATE_DIR/targets/`, see
+//! [`state_path`]) records which snapshot the file holds (uuid, name, size,
 //! content digest); incrementals must start from it. `PATH.thinvol-journal` is an undo
 //! journal: before a range of the file changes, its old contents (the data segments,
 //! then the range itself as "was zero elsewhere") are appended with a crc32c each and
@@ -45,14 +46,46 @@ impl FileState {
     }
 }
 
+/// The directory holding the sidecar files of block-device targets.
+pub fn device_sidecar_dir() -> PathBuf {
+    thinvol_catalog::home::state_dir().join("targets")
+}
+
+/// What the sidecar names are built from. A regular file keeps its sidecars beside it.
+/// A block device cannot: device nodes live on a tmpfs that is emptied at every boot,
+/// and /dev is no place for state. Its sidecars live in [`device_sidecar_dir`], named
+/// after the device path as given (made absolute, symlinks *not* resolved, so a stable
+/// name such as /dev/disk/by-id/... or /dev/VG/LV keys the state, not a /dev/sdX that
+/// may name another disk after a reboot), with `%` and `/` percent-escaped.
+fn sidecar_base(p: &Path) -> PathBuf {
+    let is_dev = std::fs::metadata(p)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if !is_dev {
+        return p.to_path_buf();
+    }
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut name = String::new();
+    for c in abs.to_string_lossy().chars() {
+        match c {
+            '%' => name.push_str("%25"),
+            '/' => name.push_str("%2F"),
+            c => name.push(c),
+        }
+    }
+    device_sidecar_dir().join(name)
+}
+
+/// `PATH.thinvol-state.json` (for a block device, in [`device_sidecar_dir`]).
 pub fn state_path(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
+    let mut s = sidecar_base(p).into_os_string();
     s.push(".thinvol-state.json");
     PathBuf::from(s)
 }
 
+/// `PATH.thinvol-journal` (for a block device, in [`device_sidecar_dir`]).
 pub fn journal_path(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
+    let mut s = sidecar_base(p).into_os_string();
     s.push(".thinvol-journal");
     PathBuf::from(s)
 }
@@ -81,6 +114,9 @@ struct Journal {
 impl Journal {
     fn create(p: &Path) -> Result<Journal> {
         let jp = journal_path(p);
+        if let Some(d) = jp.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
         let mut f = File::options()
             .create_new(true)
             .write(true)
