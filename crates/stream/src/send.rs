@@ -6,8 +6,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::digest::LtHash;
-use crate::digest_worker::DigestWorker;
+use crate::chunk_cache::ChunkCache;
+use crate::digest::{LtHash, CHUNK};
+use crate::digest_worker::{DigestWorker, Sources};
+use std::sync::Arc;
 
 /// Records whose blocks are being read ahead.
 const READ_AHEAD: usize = 32;
@@ -59,13 +61,30 @@ impl<W: Write> Write for Counting<W> {
 /// Where the data blocks are read from.
 pub struct DataSource {
     file: std::fs::File,
+    /// The pool's content-hash cache: the base's old chunks it knows are not read
+    /// (the base is digest-bearing: invariant C, docs/design.md §13.5), and the new
+    /// chunks' hashes are recorded. None when it cannot be opened for writing.
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl DataSource {
     pub fn open(pool_dir: &Path) -> Result<DataSource> {
         let p = pool_dir.join(thinvol_engine::DATA_FILE);
         let file = std::fs::File::open(&p).map_err(io(format!("opening {}", p.display())))?;
-        Ok(DataSource { file })
+        let cache = ChunkCache::open(pool_dir).ok().map(Arc::new);
+        Ok(DataSource { file, cache })
+    }
+
+    /// Whether the cache knows every whole chunk of the old segments (so they need
+    /// not be read).
+    fn old_known(&self, old: &[(u64, u64, u64)]) -> bool {
+        let Some(c) = &self.cache else { return false };
+        old.iter().all(|&(_, p, n)| {
+            n.is_multiple_of(CHUNK)
+                && c.get_run(p, (n / CHUNK) as usize)
+                    .iter()
+                    .all(Option::is_some)
+        })
     }
     /// Ask the kernel to start reading an item's blocks (POSIX_FADV_WILLNEED).
     fn prefetch(&self, it: &Item, old_too: bool) {
@@ -86,13 +105,13 @@ impl DataSource {
                 for &(p, n) in src {
                     advise(p, n);
                 }
-                if old_too {
+                if old_too && !self.old_known(old) {
                     for &(_, p, n) in old {
                         advise(p, n);
                     }
                 }
             }
-            Item::Unmap { old, .. } if old_too => {
+            Item::Unmap { old, .. } if old_too && !self.old_known(old) => {
                 for &(_, p, n) in old {
                     advise(p, n);
                 }
@@ -173,7 +192,12 @@ pub fn send(
     let mut buf = Vec::new();
     let mut payload = Vec::new();
     let mut prev: Option<LtHash> = None;
-    let worker = DigestWorker::new(None);
+    let worker = DigestWorker::new(Sources {
+        pool: None,
+        data: data.file.try_clone().ok(),
+        cache: data.cache.clone(),
+        collect: false,
+    });
     // Read-ahead: the kernel fetches the next records' blocks while this one is sent.
     let mut ahead;
     for p in &plan.parts {
@@ -214,16 +238,14 @@ pub fn send(
                     Item::Data { old, .. } | Item::Unmap { old, .. } => old.as_slice(),
                     Item::Zero { .. } => &[],
                 };
-                for &(voff, phys, len) in old {
-                    let mut ob = Vec::new();
-                    data.read(&[(phys, len)], &mut ob)?;
-                    worker.bytes(voff, std::sync::Arc::new(ob), size, true)?;
+                if !old.is_empty() {
+                    worker.sub_phys(old.to_vec(), size)?;
                 }
                 if let Item::Data { offset, src, .. } = it {
                     let mut nb = Vec::new();
                     data.read(src, &mut nb)?;
-                    let nb = std::sync::Arc::new(nb);
-                    worker.bytes(*offset, nb.clone(), size, false)?;
+                    let nb = Arc::new(nb);
+                    worker.add(*offset, nb.clone(), size, src.clone())?;
                     sent_buf = Some(nb);
                 }
             }
@@ -287,6 +309,14 @@ pub fn send(
         }
         seq += 1;
         prev = LtHash::from_bytes(&digest_bytes);
+    }
+    if !sum.computed.is_empty() {
+        // The derived digests may be stored only once the content hashes recorded
+        // while deriving them are durable (invariant C); otherwise they are derived
+        // again next time.
+        if data.cache.as_ref().is_none_or(|c| c.sync().is_err()) {
+            sum.computed.clear();
+        }
     }
     let end = Body::End(End {
         nr_records: plan.begin.nr_records,
