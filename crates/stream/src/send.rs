@@ -15,7 +15,7 @@ use std::sync::Arc;
 const READ_AHEAD: usize = 32;
 use crate::error::{io, Result, StreamError};
 use crate::format::{
-    encode_preamble, encode_record, frame, Body, End, PartEnd, KIND_DATA, PRE_FLAG_ZSTD,
+    encode_preamble, encode_record, Body, End, PartEnd, DATA_BYTES, KIND_DATA, PRE_FLAG_ZSTD,
 };
 use crate::plan::{info, Item, PartDigest, Plan};
 
@@ -169,24 +169,27 @@ pub fn send(
     };
     let mut w = Counting { w: &mut body, n: 0 };
     let mut seq = 0u64;
-    let mut emit =
-        |seq: u64, bytes: &[u8], w: &mut Counting<_>, sum: &mut SendSummary| -> Result<()> {
-            w.write_all(bytes).map_err(wio)?;
-            sum.records += 1;
-            sum.stream_bytes += bytes.len() as u64;
-            let _ = seq;
-            progress(bytes.len() as u64);
-            Ok(())
-        };
+    // A record written from parts (DATA: header and prefix, the data, the crc), so
+    // the data is not copied into a record buffer.
+    let mut emit = |parts: &[&[u8]], w: &mut Counting<_>, sum: &mut SendSummary| -> Result<()> {
+        let mut n = 0u64;
+        for b in parts {
+            w.write_all(b).map_err(wio)?;
+            n += b.len() as u64;
+        }
+        sum.records += 1;
+        sum.stream_bytes += n;
+        progress(n);
+        Ok(())
+    };
     emit(
-        0,
-        &encode_record(0, &Body::Begin(plan.begin.clone())),
+        &[&encode_record(0, &Body::Begin(plan.begin.clone()))],
         &mut w,
         &mut sum,
     )?;
     seq += 1;
     if opts.start_seq <= 1 {
-        emit(1, &encode_record(1, &Body::Info(info())), &mut w, &mut sum)?;
+        emit(&[&encode_record(1, &Body::Info(info()))], &mut w, &mut sum)?;
     }
     seq += 1;
     let mut buf = Vec::new();
@@ -222,7 +225,7 @@ pub fn send(
         ahead = 0;
         if seq >= opts.start_seq {
             let b = encode_record(seq, &Body::Part(p.header.clone()));
-            emit(seq, &b, &mut w, &mut sum)?;
+            emit(&[&b], &mut w, &mut sum)?;
         }
         seq += 1;
         for (j, it) in p.items.iter().enumerate() {
@@ -257,13 +260,21 @@ pub fn send(
                         if sent_buf.is_none() {
                             data.read(src, &mut buf)?;
                         }
+                        let d = sent_buf.as_deref().map_or(&buf[..], |b| &b[..]);
+                        // Header and payload prefix exactly as `frame` lays them out.
                         payload.clear();
+                        payload.extend_from_slice(&KIND_DATA.to_le_bytes());
+                        payload.extend_from_slice(&0u16.to_le_bytes());
+                        let plen = u32::try_from(DATA_BYTES + d.len())
+                            .map_err(|_| StreamError::Other("DATA record too long".into()))?;
+                        payload.extend_from_slice(&plen.to_le_bytes());
+                        payload.extend_from_slice(&seq.to_le_bytes());
                         payload.extend_from_slice(&part.to_le_bytes());
                         payload.extend_from_slice(&0u32.to_le_bytes());
                         payload.extend_from_slice(&offset.to_le_bytes());
-                        payload.extend_from_slice(sent_buf.as_deref().map_or(&buf[..], |b| &b[..]));
+                        let crc = crc32c::crc32c_append(crc32c::crc32c(&payload), d);
                         sum.data_bytes += len;
-                        emit(seq, &frame(KIND_DATA, 0, seq, &payload), &mut w, &mut sum)?;
+                        emit(&[&payload, d, &crc.to_le_bytes()], &mut w, &mut sum)?;
                     }
                     Item::Zero { offset, len } => {
                         sum.zero_bytes += len;
@@ -272,7 +283,7 @@ pub fn send(
                             offset: *offset,
                             len: *len,
                         };
-                        emit(seq, &encode_record(seq, &b), &mut w, &mut sum)?;
+                        emit(&[&encode_record(seq, &b)], &mut w, &mut sum)?;
                     }
                     Item::Unmap { offset, len, .. } => {
                         sum.unmap_bytes += len;
@@ -281,7 +292,7 @@ pub fn send(
                             offset: *offset,
                             len: *len,
                         };
-                        emit(seq, &encode_record(seq, &b), &mut w, &mut sum)?;
+                        emit(&[&encode_record(seq, &b)], &mut w, &mut sum)?;
                     }
                 }
             }
@@ -305,7 +316,7 @@ pub fn send(
                 nr_records: p.header.nr_records,
                 digest: digest_bytes.clone(),
             });
-            emit(seq, &encode_record(seq, &e), &mut w, &mut sum)?;
+            emit(&[&encode_record(seq, &e)], &mut w, &mut sum)?;
         }
         seq += 1;
         prev = LtHash::from_bytes(&digest_bytes);
@@ -323,7 +334,7 @@ pub fn send(
         data_bytes: plan.begin.data_bytes,
         stream_id: plan.stream_id,
     });
-    emit(seq, &encode_record(seq, &end), &mut w, &mut sum)?;
+    emit(&[&encode_record(seq, &end)], &mut w, &mut sum)?;
     w.flush().map_err(wio)?;
     drop(body);
     out.flush().map_err(wio)?;
