@@ -15,7 +15,8 @@
 # Environment: THINVOL_BENCH_DIR (scratch; default /var/tmp; needs ~10 GiB real space,
 # files are sparse and deleted afterwards), THINVOL_BIN (default target/release/thinvol).
 # Page cache: every input file is evicted (POSIX_FADV_DONTNEED) before each timed run,
-# so each side reads from the disk.
+# so each side reads from the disk, after a `sync` (no write-back of earlier files
+# overlaps a timed run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -38,7 +39,9 @@ W=$(mktemp -d "$base/thinvol-sendbench.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 export THINVOL_HOME=$W/home
 
-evict() { python3 - "$@" <<'EOF'
+# `sync` first: write-back of files written earlier (the workload images) must not
+# overlap the timed command that follows.
+evict() { sync; python3 - "$@" <<'EOF'
 import os, sys
 for p in sys.argv[1:]:
     for root, _, files in (os.walk(p) if os.path.isdir(p) else [(os.path.dirname(p), None, [os.path.basename(p)])]):

@@ -104,7 +104,7 @@ fn local_side(spec: &str, full: bool) -> Result<SideReport> {
                 name: spec.to_string(),
                 snapshot_uuid: st.snapshot_uuid.clone(),
                 size: st.size,
-                digest: st.digest.clone(),
+                digest: hex(&st.current_lthash(&path)?.to_bytes()),
                 full_digest: None,
                 chunks: None,
             },

@@ -2,26 +2,65 @@
 //!
 //! The digest is a homomorphic set hash (LtHash): the volume is cut into fixed 64 KiB
 //! chunks (independent of any pool's block size; the last chunk is padded with zeros);
-//! each chunk that is not all zeros contributes `BLAKE3-XOF(derive_key("thinvol
-//! lthash v1"), index_le64 ‖ chunk)` expanded to 2048 bytes = 1024 u16 lanes, and the
-//! digest is the lane-wise sum mod 2^16. Zero and unmapped chunks contribute nothing,
-//! so unmapped space costs nothing, and a snapshot's digest follows from its base's by
-//! subtracting the old contributions of the changed chunks and adding the new ones.
+//! each chunk that is not all zeros contributes the element `BLAKE3-XOF(derive_key(
+//! "thinvol lthash v2"), index_le64 ‖ BLAKE3(chunk padded to 64 KiB))` expanded to 2048
+//! bytes = 1024 u16 lanes, and the digest is the lane-wise sum mod 2^16. Zero and
+//! unmapped chunks contribute nothing, so unmapped space costs nothing, and a
+//! snapshot's digest follows from its base's by subtracting the old contributions of
+//! the changed chunks and adding the new ones. The element depends on the content only
+//! through its hash, so an old contribution can come from the pool's content-hash
+//! cache ([`crate::chunk_cache`]) instead of reading the old data.
 //! Digests live in `POOLDIR/digests/<snapshot uuid>.lthash` (see [`store`]/[`load`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use thinvol_engine::format::{DataBlock, ThinId};
 use thinvol_engine::Pool;
 
+use crate::chunk_cache::ChunkCache;
 use crate::error::{io, Result};
 use crate::format::DIGEST_LEN;
 
 pub const CHUNK: u64 = 64 * 1024;
 const LANES: usize = DIGEST_LEN / 2;
-const CONTEXT: &str = "thinvol lthash v1";
-const FILE_MAGIC: &[u8; 16] = b"thinvol-lthash1\n";
+const CONTEXT: &str = "thinvol lthash v2";
+/// The digest definition (docs/stream-format.md "Content digest").
+pub const DIGEST_VERSION: u32 = 2;
+/// Stored digests of another definition (v1: the element hashed the chunk itself) have
+/// another magic and are ignored, so they are derived again.
+const FILE_MAGIC: &[u8; 16] = b"thinvol-lthash2\n";
+
+/// BLAKE3 of a chunk's content padded to 64 KiB.
+pub type ChunkHash = [u8; 32];
+
+/// The content hash of a chunk (≤ CHUNK bytes, padded with zeros).
+pub fn chunk_hash(chunk: &[u8]) -> ChunkHash {
+    let mut h = blake3::Hasher::new();
+    h.update(chunk);
+    if (chunk.len() as u64) < CHUNK {
+        h.update(&ZEROS[..(CHUNK as usize) - chunk.len()]);
+    }
+    *h.finalize().as_bytes()
+}
+
+static ZEROS: [u8; CHUNK as usize] = [0u8; CHUNK as usize];
+
+/// The content hash of an all-zero chunk (which contributes nothing).
+pub fn zero_chunk_hash() -> &'static ChunkHash {
+    static Z: OnceLock<ChunkHash> = OnceLock::new();
+    Z.get_or_init(|| chunk_hash(&[]))
+}
+
+/// The content hash of a chunk, computed without hashing when it is all zeros.
+pub fn chunk_hash_fast(chunk: &[u8]) -> ChunkHash {
+    if is_zero(chunk) {
+        *zero_chunk_hash()
+    } else {
+        chunk_hash(chunk)
+    }
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct LtHash(Box<[u16; LANES]>);
@@ -54,12 +93,17 @@ impl LtHash {
         if is_zero(chunk) {
             return None;
         }
+        Self::element(index, &chunk_hash(chunk))
+    }
+    /// The lanes contributed by chunk `index` whose content hash is `content`; None for
+    /// the all-zero chunk.
+    pub fn element(index: u64, content: &ChunkHash) -> Option<LtHash> {
+        if content == zero_chunk_hash() {
+            return None;
+        }
         let mut h = blake3::Hasher::new_derive_key(CONTEXT);
         h.update(&index.to_le_bytes());
-        h.update(chunk);
-        if (chunk.len() as u64) < CHUNK {
-            h.update(&vec![0u8; (CHUNK as usize) - chunk.len()]);
-        }
+        h.update(content);
         let mut out = [0u8; DIGEST_LEN];
         h.finalize_xof().fill(&mut out);
         let mut l = LtHash::default();
@@ -86,6 +130,16 @@ impl LtHash {
     pub fn sub_chunk(&mut self, index: u64, chunk: &[u8]) {
         if let Some(c) = Self::contribution(index, chunk) {
             self.sub(&c);
+        }
+    }
+    /// Add (or subtract) the element of chunk `index` with content hash `content`.
+    pub fn apply_hash(&mut self, index: u64, content: &ChunkHash, subtract: bool) {
+        if let Some(c) = Self::element(index, content) {
+            if subtract {
+                self.sub(&c);
+            } else {
+                self.add(&c);
+            }
         }
     }
     /// Add (or subtract) every chunk of `bytes`, which start at byte `offset` (a
@@ -176,9 +230,70 @@ fn read_block(pool: &Pool, b: DataBlock, buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Add (or subtract) the chunks of data block `pb`, mapped at volume byte `off` of a
+/// device of `size` bytes. With `lookup`, whole chunks whose content hash the cache
+/// knows are not read (when every chunk of the block is known, nothing is read); with
+/// `record`, the hashes of the whole chunks hashed are recorded in the cache.
+#[allow(clippy::too_many_arguments)]
+fn apply_block(
+    pool: &Pool,
+    cache: Option<&ChunkCache>,
+    pb: DataBlock,
+    off: u64,
+    size: u64,
+    subtract: bool,
+    lookup: bool,
+    buf: &mut [u8],
+    d: &mut LtHash,
+) -> Result<()> {
+    let bs = pool.block_size();
+    let phys = pb.0 * bs;
+    let n = (size - off).min(bs) as usize;
+    let nchunks = n.div_ceil(CHUNK as usize);
+    let full = n / CHUNK as usize;
+    let first = off / CHUNK;
+    if lookup && full == nchunks {
+        if let Some(c) = cache {
+            let known = c.get_run(phys, full);
+            if known.iter().all(Option::is_some) {
+                for (k, h) in known.iter().enumerate() {
+                    if let Some(h) = h {
+                        d.apply_hash(first + k as u64, h, subtract);
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+    read_block(pool, pb, buf)?;
+    let mut hashes = Vec::with_capacity(full);
+    for k in 0..nchunks {
+        let c = &buf[k * CHUNK as usize..((k + 1) * CHUNK as usize).min(n)];
+        let h = chunk_hash_fast(c);
+        d.apply_hash(first + k as u64, &h, subtract);
+        if k < full {
+            hashes.push(h);
+        }
+    }
+    if let Some(c) = cache.filter(|c| c.writable()) {
+        c.put_run(phys, &hashes)?;
+    }
+    Ok(())
+}
+
 /// Digest of a thin device's first `size` bytes, from scratch (reads every mapped
 /// block).
 pub fn full_pool(pool: &Pool, thin: u64, size: u64) -> Result<LtHash> {
+    full_pool_cached(pool, None, thin, size)
+}
+
+/// [`full_pool`], recording the content hashes in `cache` (when writable).
+pub fn full_pool_cached(
+    pool: &Pool,
+    cache: Option<&ChunkCache>,
+    thin: u64,
+    size: u64,
+) -> Result<LtHash> {
     let bs = pool.block_size();
     let mut d = LtHash::default();
     let mut buf = vec![0u8; bs as usize];
@@ -187,8 +302,7 @@ pub fn full_pool(pool: &Pool, thin: u64, size: u64) -> Result<LtHash> {
         if off >= size {
             break;
         }
-        read_block(pool, pb, &mut buf)?;
-        d.apply_range(off, &buf, size, false);
+        apply_block(pool, cache, pb, off, size, false, false, &mut buf, &mut d)?;
     }
     Ok(d)
 }
@@ -196,6 +310,18 @@ pub fn full_pool(pool: &Pool, thin: u64, size: u64) -> Result<LtHash> {
 /// Digest of device `new` from the digest of device `base`, reading only the blocks
 /// whose mapping differs (the engine delta) plus those in the size change.
 pub fn update_pool(pool: &Pool, base: (u64, u64, &LtHash), new: (u64, u64)) -> Result<LtHash> {
+    update_pool_cached(pool, None, base, new)
+}
+
+/// [`update_pool`] with the content-hash cache: the base's old chunks come from the
+/// cache where it knows them (`base` must be a digest-bearing snapshot, invariant C of
+/// docs/design.md §13.5), and the new chunks' hashes are recorded.
+pub fn update_pool_cached(
+    pool: &Pool,
+    cache: Option<&ChunkCache>,
+    base: (u64, u64, &LtHash),
+    new: (u64, u64),
+) -> Result<LtHash> {
     let (bthin, bsize, bdigest) = base;
     let (nthin, nsize) = new;
     let bs = pool.block_size();
@@ -219,8 +345,7 @@ pub fn update_pool(pool: &Pool, base: (u64, u64, &LtHash), new: (u64, u64)) -> R
                 continue;
             }
             if let Some((_, pb)) = pool.mappings_range(ThinId(t), vb, vb + 1)?.first() {
-                read_block(pool, *pb, &mut buf)?;
-                d.apply_range(off, &buf, size, sub);
+                apply_block(pool, cache, *pb, off, size, sub, sub, &mut buf, &mut d)?;
             }
         }
     }
@@ -228,8 +353,9 @@ pub fn update_pool(pool: &Pool, base: (u64, u64, &LtHash), new: (u64, u64)) -> R
 }
 
 /// The digest of a catalog snapshot: stored, else derived from the nearest older
-/// snapshot of the same volume that has one (cost ∝ delta), else from scratch; stored
-/// afterwards.
+/// snapshot of the same volume that has one (cost ∝ delta; old chunks from the
+/// content-hash cache), else from scratch; stored afterwards when the content hashes
+/// it read could be recorded (invariant C, docs/design.md §13.5).
 pub fn snapshot_digest(
     pool: &Pool,
     pool_dir: &Path,
@@ -245,16 +371,31 @@ pub fn snapshot_digest(
         .filter(|s| (s.created, s.thin_id) < (snap.created, snap.thin_id))
         .collect();
     older.sort_by_key(|s| std::cmp::Reverse((s.created, s.thin_id)));
+    // A read-only pool only looks up; it does not store (the next run derives again).
+    let cache = if pool.is_read_only() {
+        ChunkCache::open_read_only(pool_dir)
+    } else {
+        ChunkCache::open(pool_dir).ok()
+    };
+    let cache = cache.as_ref();
     let d = match older
         .iter()
         .find_map(|s| load(pool_dir, &s.uuid).map(|d| (*s, d)))
     {
-        Some((b, bd)) => update_pool(pool, (b.thin_id, b.size, &bd), (snap.thin_id, snap.size))?,
-        None => full_pool(pool, snap.thin_id, snap.size)?,
+        Some((b, bd)) => update_pool_cached(
+            pool,
+            cache,
+            (b.thin_id, b.size, &bd),
+            (snap.thin_id, snap.size),
+        )?,
+        None => full_pool_cached(pool, cache, snap.thin_id, snap.size)?,
     };
-    if !pool.is_read_only() || std::fs::metadata(pool_dir.join("digests")).is_ok() {
-        // Best effort: a read-only pool directory just recomputes next time.
-        let _ = store(pool_dir, &snap.uuid, &d);
+    if let Some(c) = cache.filter(|c| c.writable()) {
+        // Best effort: without the records synced the digest is not stored, and the
+        // next run derives it again.
+        if c.sync().is_ok() {
+            let _ = store(pool_dir, &snap.uuid, &d);
+        }
     }
     Ok(d)
 }
@@ -286,10 +427,9 @@ fn chunks_of(off: u64, bytes: &[u8], out: &mut ChunkHashes, d: &mut LtHash) {
             continue;
         }
         let idx = off / CHUNK + i as u64;
-        let mut padded = c.to_vec();
-        padded.resize(CHUNK as usize, 0);
-        out.push((idx, *blake3::hash(&padded).as_bytes()));
-        d.add_chunk(idx, c);
+        let h = chunk_hash(c);
+        out.push((idx, h));
+        d.apply_hash(idx, &h, false);
     }
 }
 

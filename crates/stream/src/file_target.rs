@@ -38,11 +38,28 @@ pub struct FileState {
     pub size: u64,
     /// LtHash, hex.
     pub digest: String,
+    /// The digest definition `digest` follows (absent in files of thinvol before v2: 1).
+    #[serde(default = "v1")]
+    pub digest_version: u32,
+}
+
+fn v1() -> u32 {
+    1
 }
 
 impl FileState {
     pub fn lthash(&self) -> Option<LtHash> {
         unhex(&self.digest).and_then(|b| LtHash::from_bytes(&b))
+    }
+    /// The digest of the file's snapshot in the current definition: the recorded one,
+    /// or, when it follows an older definition, recomputed from the file `path`.
+    pub fn current_lthash(&self, path: &Path) -> Result<LtHash> {
+        if self.digest_version == crate::digest::DIGEST_VERSION {
+            self.lthash()
+                .ok_or_else(|| StreamError::Other("bad digest in the state file".into()))
+        } else {
+            Ok(crate::digest::file_chunk_hashes(path, self.size)?.1)
+        }
     }
 }
 
@@ -468,10 +485,7 @@ pub fn receive_file(path: &Path, input: Box<dyn Read + '_>, force: bool) -> Resu
                 first.base_uuid
             )));
         }
-        let d = s
-            .lthash()
-            .ok_or_else(|| StreamError::Other("bad digest in the state file".into()))?;
-        (d, s.size)
+        (s.current_lthash(path)?, s.size)
     };
     let f = File::options()
         .read(true)
@@ -684,6 +698,7 @@ fn apply_all(
                     snapshot_uuid: p.snapshot_uuid.clone(),
                     size: p.volume_size,
                     digest: hex(&t.digest.to_bytes()),
+                    digest_version: crate::digest::DIGEST_VERSION,
                 });
             }
             Body::End(e) => {

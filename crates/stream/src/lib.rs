@@ -7,6 +7,7 @@
 //! * [`token`]: resume tokens; [`digest`]: per-snapshot content digests in O(change);
 //!   [`verify`]: comparing a replica with its source; [`ssh`]: the ssh transport.
 
+pub mod chunk_cache;
 pub mod digest;
 pub mod digest_worker;
 pub mod error;
@@ -19,5 +20,6 @@ pub mod reader;
 pub mod receive;
 pub mod send;
 pub mod token;
+pub mod writeback;
 
 pub use error::{FormatError, Result, StreamError};

@@ -95,39 +95,42 @@ impl<'a> StreamReader<'a> {
             return Ok(None);
         }
         let h = decode_header(&hb, at).map_err(ReadError::Format)?;
-        let mut p = vec![0u8; h.len as usize + REC_CRC_LEN];
         let what = format!("record {}", h.seq);
-        if !fill(&mut self.r, &mut p, &what, at)? {
-            return Err(ReadError::Format(FormatError::Truncated { what, at }));
-        }
-        let n = p.len() - REC_CRC_LEN;
-        let crc = u32::from_le_bytes([p[n], p[n + 1], p[n + 2], p[n + 3]]);
-        let len = (REC_HEADER_LEN + p.len()) as u64;
-        let body = if h.kind == KIND_DATA && n > DATA_BYTES {
-            // The hot path: check the crc, then hand the payload's data over without
-            // copying it.
-            let c = crc32c::crc32c_append(crc32c::crc32c(&hb), &p[..n]);
+        let len = (REC_HEADER_LEN + h.len as usize + REC_CRC_LEN) as u64;
+        let body = if h.kind == KIND_DATA && h.len as usize > DATA_BYTES {
+            // The hot path: the data is read straight into its own buffer (no copy),
+            // then the crc is checked.
+            let mut pre = [0u8; DATA_BYTES];
+            let mut data = vec![0u8; h.len as usize - DATA_BYTES];
+            let mut cb = [0u8; REC_CRC_LEN];
+            for b in [&mut pre[..], &mut data[..], &mut cb[..]] {
+                if !fill(&mut self.r, b, &what, at)? {
+                    return Err(ReadError::Format(FormatError::Truncated { what, at }));
+                }
+            }
+            let crc = u32::from_le_bytes(cb);
+            let c = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&hb), &pre), &data);
             if c != crc {
                 return Err(ReadError::Format(FormatError::Checksum { seq: h.seq, at }));
             }
-            let part = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            let part = u32::from_le_bytes([pre[0], pre[1], pre[2], pre[3]]);
             let mut o = [0u8; 8];
-            o.copy_from_slice(&p[DATA_OFFSET..DATA_BYTES]);
+            o.copy_from_slice(&pre[DATA_OFFSET..DATA_BYTES]);
             let offset = u64::from_le_bytes(o);
-            p.truncate(n);
-            p.drain(..DATA_BYTES);
-            if offset.checked_add(p.len() as u64).is_none() {
+            if offset.checked_add(data.len() as u64).is_none() {
                 return Err(ReadError::Format(FormatError::Invalid {
                     at,
                     reason: format!("record {} (DATA): overflowing range", h.seq),
                 }));
             }
-            Body::Data {
-                part,
-                offset,
-                data: p,
-            }
+            Body::Data { part, offset, data }
         } else {
+            let mut p = vec![0u8; h.len as usize + REC_CRC_LEN];
+            if !fill(&mut self.r, &mut p, &what, at)? {
+                return Err(ReadError::Format(FormatError::Truncated { what, at }));
+            }
+            let n = p.len() - REC_CRC_LEN;
+            let crc = u32::from_le_bytes([p[n], p[n + 1], p[n + 2], p[n + 3]]);
             decode_body(&h, &hb, &p[..n], crc, at).map_err(ReadError::Format)?
         };
         self.pos += len;

@@ -19,8 +19,9 @@ use thinvol_catalog::model::{new_uuid, now};
 use thinvol_catalog::{CatalogError, CatalogPool, Snapshot, Volume};
 use thinvol_engine::format::ThinId;
 
-use crate::digest::{self, hex, unhex, LtHash};
-use crate::digest_worker::DigestWorker;
+use crate::chunk_cache::ChunkCache;
+use crate::digest::{self, hex, unhex, LtHash, CHUNK};
+use crate::digest_worker::{DigestWorker, Sources};
 use crate::error::{io, Result, StreamError};
 use crate::format::{Begin, Body, Part, BEGIN_FLAG_GROUP};
 use crate::reader::{ReadError, StreamReader};
@@ -86,6 +87,10 @@ struct PartState {
     /// The digest derived so far, hex, as of the checkpoint; None: derive at the end.
     #[serde(default)]
     running: Option<String>,
+    /// The content hashes of the part's new chunks below this volume byte are recorded
+    /// in the pool's content-hash cache (and synced).
+    #[serde(default)]
+    recorded: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -248,6 +253,8 @@ struct Rx<'c> {
     /// second thread; `deriving` says whether it is valid for the open part.
     worker: DigestWorker,
     deriving: bool,
+    cache: Arc<ChunkCache>,
+    writeback: crate::writeback::Writeback,
 }
 
 fn refused(m: impl Into<String>) -> StreamError {
@@ -257,6 +264,10 @@ fn refused(m: impl Into<String>) -> StreamError {
 impl Rx<'_> {
     fn checkpoint(&mut self, next_seq: u64) -> Result<()> {
         self.cp.pool.commit()?;
+        if let Some(ps) = self.state.parts.last().filter(|p| p.digest.is_none()) {
+            let upto = ps.end;
+            self.record_hashes(upto)?;
+        }
         let running = match self.state.parts.last() {
             Some(ps) if ps.digest.is_none() && self.deriving => {
                 Some(hex(&self.worker.get()?.to_bytes()))
@@ -452,7 +463,76 @@ impl Rx<'_> {
             end: 0,
             base_thin: origin,
             running,
+            recorded: 0,
         });
+        Ok(())
+    }
+
+    /// Record in the content-hash cache (synced) the hashes of the open part's new
+    /// whole chunks in `[recorded, upto)` (invariant C, docs/design.md §13.5): the
+    /// chunks of the hidden device's blocks that differ from its base. Chunks below
+    /// `upto` are final (records come in offset order), so each is recorded once; a
+    /// chunk whose bytes the digest thread did not hash (resumed receive, a block
+    /// partly copied from the base, a partial discard) is read back. Parts whose
+    /// digest is derived at PART_END record there (`update_pool_cached`).
+    fn record_hashes(&mut self, upto: u64) -> Result<()> {
+        if !self.deriving {
+            return Ok(());
+        }
+        let i = self.parts.len() - 1;
+        let size = self.parts[i].volume_size;
+        let ps = &self.state.parts[i];
+        let (from, hidden, base) = (ps.recorded, ps.hidden, ps.base_thin);
+        let upto = if upto >= size {
+            size
+        } else {
+            upto / CHUNK * CHUNK
+        };
+        if upto <= from {
+            return Ok(());
+        }
+        let known = self.worker.take_hashes()?;
+        let pool = &self.cp.pool;
+        let bs = pool.block_size();
+        let (vlo, vhi) = (from / bs, upto.div_ceil(bs));
+        let blocks: Vec<(u64, u64)> = match base {
+            Some(b) => pool
+                .delta(ThinId(b), ThinId(hidden), false)?
+                .0
+                .into_iter()
+                .filter(|d| d.vblock >= vlo && d.vblock < vhi)
+                .filter_map(|d| d.right.map(|pb| (d.vblock, pb.0)))
+                .collect(),
+            None => pool
+                .mappings_range(ThinId(hidden), vlo, vhi)?
+                .into_iter()
+                .map(|(vb, pb)| (vb.0, pb.0))
+                .collect(),
+        };
+        let mut buf = vec![0u8; bs as usize];
+        for (vb, pb) in blocks {
+            let mut read = false;
+            for k in 0..bs / CHUNK {
+                let coff = vb * bs + k * CHUNK;
+                if coff < from || coff + CHUNK > upto || coff + CHUNK > size {
+                    continue;
+                }
+                let h = match known.get(&(coff / CHUNK)) {
+                    Some(h) => *h,
+                    None => {
+                        if !read {
+                            pool.read_data_block(thinvol_engine::format::DataBlock(pb), &mut buf)?;
+                            read = true;
+                        }
+                        let c = (k * CHUNK) as usize;
+                        digest::chunk_hash_fast(&buf[c..c + CHUNK as usize])
+                    }
+                };
+                self.cache.put_run(pb * bs + k * CHUNK, &[h])?;
+            }
+        }
+        self.cache.sync()?;
+        self.state.parts[i].recorded = upto;
         Ok(())
     }
 
@@ -476,7 +556,7 @@ impl Rx<'_> {
             self.worker.sub_device(off, len, base, size)?;
         }
         if let Some(b) = new {
-            self.worker.bytes(off, b, size, false)?;
+            self.worker.add(off, b, size, Vec::new())?;
         }
         Ok(())
     }
@@ -516,6 +596,7 @@ impl Rx<'_> {
                 ps.end = offset + n;
                 self.state.data_done += n;
                 self.since_checkpoint += n;
+                self.writeback.wrote(n);
                 self.sum.data_bytes += n;
             }
             Body::Zero { part, offset, len } | Body::Unmap { part, offset, len } => {
@@ -554,10 +635,15 @@ impl Rx<'_> {
                 }
                 self.cp.pool.commit()?;
                 let d = if self.deriving {
+                    let d = self.worker.get()?;
+                    let size = p.volume_size;
+                    self.record_hashes(size)?;
                     self.deriving = false;
-                    self.worker.get()?
+                    d
                 } else {
-                    self.part_digest(i - 1)?
+                    let d = self.part_digest(i - 1)?;
+                    self.cache.sync()?;
+                    d
                 };
                 let theirs = LtHash::from_bytes(&e.digest)
                     .ok_or_else(|| StreamError::Corrupt("bad digest length".into()))?;
@@ -614,11 +700,15 @@ impl Rx<'_> {
                 Some((s.thin_id, s.size, d))
             }
         };
+        let cache = Some(&*self.cache);
         match base {
-            Some((bt, bs, bd)) => {
-                digest::update_pool(&self.cp.pool, (bt, bs, &bd), (hidden, p.volume_size))
-            }
-            None => digest::full_pool(&self.cp.pool, hidden, p.volume_size),
+            Some((bt, bs, bd)) => digest::update_pool_cached(
+                &self.cp.pool,
+                cache,
+                (bt, bs, &bd),
+                (hidden, p.volume_size),
+            ),
+            None => digest::full_pool_cached(&self.cp.pool, cache, hidden, p.volume_size),
         }
     }
 
@@ -779,6 +869,8 @@ pub fn receive(
     let resume_at = state.next_seq;
     let total = begin.data_bytes;
     let cp_pool = cp.pool.clone();
+    let cache = Arc::new(ChunkCache::open(&cp.dir)?);
+    let writeback = crate::writeback::Writeback::new(&cp.dir);
     let mut rx = Rx {
         cp,
         key,
@@ -788,8 +880,15 @@ pub fn receive(
         begin,
         parts,
         since_checkpoint: 0,
-        worker: DigestWorker::new(Some(cp_pool)),
+        worker: DigestWorker::new(Sources {
+            pool: Some(cp_pool),
+            data: None,
+            cache: Some(cache.clone()),
+            collect: true,
+        }),
         deriving: false,
+        cache,
+        writeback,
         sum: ReceiveSummary {
             resumed_at: if resume_at > 1 { resume_at } else { 0 },
             ..Default::default()

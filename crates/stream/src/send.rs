@@ -6,14 +6,16 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::digest::LtHash;
-use crate::digest_worker::DigestWorker;
+use crate::chunk_cache::ChunkCache;
+use crate::digest::{LtHash, CHUNK};
+use crate::digest_worker::{DigestWorker, Sources};
+use std::sync::Arc;
 
 /// Records whose blocks are being read ahead.
 const READ_AHEAD: usize = 32;
 use crate::error::{io, Result, StreamError};
 use crate::format::{
-    encode_preamble, encode_record, frame, Body, End, PartEnd, KIND_DATA, PRE_FLAG_ZSTD,
+    encode_preamble, encode_record, Body, End, PartEnd, DATA_BYTES, KIND_DATA, PRE_FLAG_ZSTD,
 };
 use crate::plan::{info, Item, PartDigest, Plan};
 
@@ -59,13 +61,30 @@ impl<W: Write> Write for Counting<W> {
 /// Where the data blocks are read from.
 pub struct DataSource {
     file: std::fs::File,
+    /// The pool's content-hash cache: the base's old chunks it knows are not read
+    /// (the base is digest-bearing: invariant C, docs/design.md §13.5), and the new
+    /// chunks' hashes are recorded. None when it cannot be opened for writing.
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl DataSource {
     pub fn open(pool_dir: &Path) -> Result<DataSource> {
         let p = pool_dir.join(thinvol_engine::DATA_FILE);
         let file = std::fs::File::open(&p).map_err(io(format!("opening {}", p.display())))?;
-        Ok(DataSource { file })
+        let cache = ChunkCache::open(pool_dir).ok().map(Arc::new);
+        Ok(DataSource { file, cache })
+    }
+
+    /// Whether the cache knows every whole chunk of the old segments (so they need
+    /// not be read).
+    fn old_known(&self, old: &[(u64, u64, u64)]) -> bool {
+        let Some(c) = &self.cache else { return false };
+        old.iter().all(|&(_, p, n)| {
+            n.is_multiple_of(CHUNK)
+                && c.get_run(p, (n / CHUNK) as usize)
+                    .iter()
+                    .all(Option::is_some)
+        })
     }
     /// Ask the kernel to start reading an item's blocks (POSIX_FADV_WILLNEED).
     fn prefetch(&self, it: &Item, old_too: bool) {
@@ -86,13 +105,13 @@ impl DataSource {
                 for &(p, n) in src {
                     advise(p, n);
                 }
-                if old_too {
+                if old_too && !self.old_known(old) {
                     for &(_, p, n) in old {
                         advise(p, n);
                     }
                 }
             }
-            Item::Unmap { old, .. } if old_too => {
+            Item::Unmap { old, .. } if old_too && !self.old_known(old) => {
                 for &(_, p, n) in old {
                     advise(p, n);
                 }
@@ -150,30 +169,38 @@ pub fn send(
     };
     let mut w = Counting { w: &mut body, n: 0 };
     let mut seq = 0u64;
-    let mut emit =
-        |seq: u64, bytes: &[u8], w: &mut Counting<_>, sum: &mut SendSummary| -> Result<()> {
-            w.write_all(bytes).map_err(wio)?;
-            sum.records += 1;
-            sum.stream_bytes += bytes.len() as u64;
-            let _ = seq;
-            progress(bytes.len() as u64);
-            Ok(())
-        };
+    // A record written from parts (DATA: header and prefix, the data, the crc), so
+    // the data is not copied into a record buffer.
+    let mut emit = |parts: &[&[u8]], w: &mut Counting<_>, sum: &mut SendSummary| -> Result<()> {
+        let mut n = 0u64;
+        for b in parts {
+            w.write_all(b).map_err(wio)?;
+            n += b.len() as u64;
+        }
+        sum.records += 1;
+        sum.stream_bytes += n;
+        progress(n);
+        Ok(())
+    };
     emit(
-        0,
-        &encode_record(0, &Body::Begin(plan.begin.clone())),
+        &[&encode_record(0, &Body::Begin(plan.begin.clone()))],
         &mut w,
         &mut sum,
     )?;
     seq += 1;
     if opts.start_seq <= 1 {
-        emit(1, &encode_record(1, &Body::Info(info())), &mut w, &mut sum)?;
+        emit(&[&encode_record(1, &Body::Info(info()))], &mut w, &mut sum)?;
     }
     seq += 1;
     let mut buf = Vec::new();
     let mut payload = Vec::new();
     let mut prev: Option<LtHash> = None;
-    let worker = DigestWorker::new(None);
+    let worker = DigestWorker::new(Sources {
+        pool: None,
+        data: data.file.try_clone().ok(),
+        cache: data.cache.clone(),
+        collect: false,
+    });
     // Read-ahead: the kernel fetches the next records' blocks while this one is sent.
     let mut ahead;
     for p in &plan.parts {
@@ -198,7 +225,7 @@ pub fn send(
         ahead = 0;
         if seq >= opts.start_seq {
             let b = encode_record(seq, &Body::Part(p.header.clone()));
-            emit(seq, &b, &mut w, &mut sum)?;
+            emit(&[&b], &mut w, &mut sum)?;
         }
         seq += 1;
         for (j, it) in p.items.iter().enumerate() {
@@ -214,16 +241,14 @@ pub fn send(
                     Item::Data { old, .. } | Item::Unmap { old, .. } => old.as_slice(),
                     Item::Zero { .. } => &[],
                 };
-                for &(voff, phys, len) in old {
-                    let mut ob = Vec::new();
-                    data.read(&[(phys, len)], &mut ob)?;
-                    worker.bytes(voff, std::sync::Arc::new(ob), size, true)?;
+                if !old.is_empty() {
+                    worker.sub_phys(old.to_vec(), size)?;
                 }
                 if let Item::Data { offset, src, .. } = it {
                     let mut nb = Vec::new();
                     data.read(src, &mut nb)?;
-                    let nb = std::sync::Arc::new(nb);
-                    worker.bytes(*offset, nb.clone(), size, false)?;
+                    let nb = Arc::new(nb);
+                    worker.add(*offset, nb.clone(), size, src.clone())?;
                     sent_buf = Some(nb);
                 }
             }
@@ -235,13 +260,21 @@ pub fn send(
                         if sent_buf.is_none() {
                             data.read(src, &mut buf)?;
                         }
+                        let d = sent_buf.as_deref().map_or(&buf[..], |b| &b[..]);
+                        // Header and payload prefix exactly as `frame` lays them out.
                         payload.clear();
+                        payload.extend_from_slice(&KIND_DATA.to_le_bytes());
+                        payload.extend_from_slice(&0u16.to_le_bytes());
+                        let plen = u32::try_from(DATA_BYTES + d.len())
+                            .map_err(|_| StreamError::Other("DATA record too long".into()))?;
+                        payload.extend_from_slice(&plen.to_le_bytes());
+                        payload.extend_from_slice(&seq.to_le_bytes());
                         payload.extend_from_slice(&part.to_le_bytes());
                         payload.extend_from_slice(&0u32.to_le_bytes());
                         payload.extend_from_slice(&offset.to_le_bytes());
-                        payload.extend_from_slice(sent_buf.as_deref().map_or(&buf[..], |b| &b[..]));
+                        let crc = crc32c::crc32c_append(crc32c::crc32c(&payload), d);
                         sum.data_bytes += len;
-                        emit(seq, &frame(KIND_DATA, 0, seq, &payload), &mut w, &mut sum)?;
+                        emit(&[&payload, d, &crc.to_le_bytes()], &mut w, &mut sum)?;
                     }
                     Item::Zero { offset, len } => {
                         sum.zero_bytes += len;
@@ -250,7 +283,7 @@ pub fn send(
                             offset: *offset,
                             len: *len,
                         };
-                        emit(seq, &encode_record(seq, &b), &mut w, &mut sum)?;
+                        emit(&[&encode_record(seq, &b)], &mut w, &mut sum)?;
                     }
                     Item::Unmap { offset, len, .. } => {
                         sum.unmap_bytes += len;
@@ -259,7 +292,7 @@ pub fn send(
                             offset: *offset,
                             len: *len,
                         };
-                        emit(seq, &encode_record(seq, &b), &mut w, &mut sum)?;
+                        emit(&[&encode_record(seq, &b)], &mut w, &mut sum)?;
                     }
                 }
             }
@@ -283,17 +316,25 @@ pub fn send(
                 nr_records: p.header.nr_records,
                 digest: digest_bytes.clone(),
             });
-            emit(seq, &encode_record(seq, &e), &mut w, &mut sum)?;
+            emit(&[&encode_record(seq, &e)], &mut w, &mut sum)?;
         }
         seq += 1;
         prev = LtHash::from_bytes(&digest_bytes);
+    }
+    if !sum.computed.is_empty() {
+        // The derived digests may be stored only once the content hashes recorded
+        // while deriving them are durable (invariant C); otherwise they are derived
+        // again next time.
+        if data.cache.as_ref().is_none_or(|c| c.sync().is_err()) {
+            sum.computed.clear();
+        }
     }
     let end = Body::End(End {
         nr_records: plan.begin.nr_records,
         data_bytes: plan.begin.data_bytes,
         stream_id: plan.stream_id,
     });
-    emit(seq, &encode_record(seq, &end), &mut w, &mut sum)?;
+    emit(&[&encode_record(seq, &end)], &mut w, &mut sum)?;
     w.flush().map_err(wio)?;
     drop(body);
     out.flush().map_err(wio)?;
