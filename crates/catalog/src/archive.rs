@@ -951,6 +951,20 @@ fn same_mappings(ms: &[(VBlock, DataBlock, u32)], runs: &[Run]) -> bool {
     it.next().is_none()
 }
 
+/// Content digests and the content-hash cache (`POOLDIR/digests`, docs/design.md §13.5
+/// rule 5) name snapshots by uuid and chunks by data block; a restore rebuilds devices
+/// and changes which device maps which block, so it removes them before its transaction
+/// commits rather than trust anything derived before it. They are derived data: the
+/// next send or verify derives them again, and a crash after the removal leaves
+/// nothing stale.
+fn drop_derived_digests(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => dir.parent().map_or(Ok(()), sync_dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing {}", dir.display()))(e)),
+    }
+}
+
 /// Bring back the catalog and every device of restore point `point_id`, in one pool
 /// transaction: devices whose current mappings equal the point's are kept, the others
 /// are rebuilt (a new thin device mapping the recorded data blocks), every other current
@@ -1019,6 +1033,7 @@ pub fn restore(cp: &mut CatalogPool, point_id: u64) -> Result<Restored> {
         kept: 0,
         mappings: 0,
     };
+    let digests = cp.dir.join("digests");
     cp.change_described(&desc, |c, tx| {
         let by_id: BTreeMap<u64, &DeviceDump> =
             point.devices.iter().map(|d| (d.thin_id, d)).collect();
@@ -1075,6 +1090,7 @@ pub fn restore(cp: &mut CatalogPool, point_id: u64) -> Result<Restored> {
                 ),
             });
         }
+        drop_derived_digests(&digests)?;
         // Rebuild what cannot be kept, then drop the rest (mapping first keeps every
         // needed block's count above zero throughout).
         let mut new_id = BTreeMap::new();

@@ -174,6 +174,17 @@ fn wrong_base_written_target_and_tampered_tokens_are_refused() {
         String::from_utf8_lossy(&o.stderr)
     );
     at_s1(&e, &a);
+    // A stream of another format version (1: digest v1) is refused before any record.
+    let mut v1 = e.send(&["src/vm@s2", "--from", "@s1"]);
+    v1[8] = 1;
+    let o = e.receive(&["dst/vm"], &v1);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("version 1 is not supported"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    at_s1(&e, &a);
     // Written since @s1: refused, then --force rolls the writes back.
     let mut w = a.clone();
     w[..4096].fill(0xAB);
@@ -309,4 +320,42 @@ fn next_send_releases_holds_of_dead_senders() {
     assert!(!l.contains("send.4294967295"), "{l}");
     assert!(l.contains("send.1"), "{l}");
     assert!(l.contains("keep"), "{l}");
+}
+
+/// Restore rebuilds devices and so changes which device maps which data block; it
+/// drops the derived digests and the content-hash cache (docs/design.md §13.5, rule 5)
+/// so that nothing derived before it is trusted after it. The next send derives the
+/// restored snapshot's digest from the data, and its replica verifies.
+#[test]
+fn restore_drops_derived_digests() {
+    let e = Env::new();
+    e.pool("src");
+    e.ok(&["create", "src/vm", "--size", "8M"]);
+    let mut rng = Rng(0x7e57);
+    let mut a = vec![0u8; SIZE];
+    mutate(&mut a, &mut rng, 10);
+    e.set_image("src/vm", &a);
+    e.ok(&["snapshot", "src/vm@s"]);
+    // A send stores @s's digest (and records the cache).
+    e.send(&["src/vm@s"]);
+    let digests = e.path("src").join("digests");
+    assert!(std::fs::read_dir(&digests).unwrap().count() > 0);
+    let h: serde_json::Value = serde_json::from_str(&e.ok(&["history", "src", "--json"])).unwrap();
+    let point = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["description"] == "snapshot src/vm@s")
+        .unwrap()["id"]
+        .to_string();
+    // Destroy @s (its blocks stay the volume's) and bring it back: a rebuilt device.
+    e.ok(&["destroy", "src/vm@s"]);
+    e.ok(&["restore", "src", &point]);
+    assert!(!digests.exists(), "restore removed POOLDIR/digests");
+    assert_eq!(e.export("src/vm@s"), a);
+    let f = e.p("replica.raw");
+    e.pipe(&["src/vm@s"], &["--to-file", &f]);
+    assert_eq!(std::fs::read(&f).unwrap(), a);
+    e.verify_full("src/vm@s", &format!("file:{f}"));
+    e.thin_check("src");
 }

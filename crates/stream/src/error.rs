@@ -7,7 +7,7 @@ use thiserror::Error;
 pub enum FormatError {
     #[error("not a thinvol stream (bad magic)")]
     BadMagic,
-    #[error("stream format version {0} is not supported (this thinvol reads version 1)")]
+    #[error("stream format version {0} is not supported (this thinvol reads version 2; sender and receiver must run the same stream version)")]
     Version(u16),
     #[error("stream truncated in {what} at byte {at}")]
     Truncated { what: String, at: u64 },
