@@ -15,6 +15,7 @@ pub mod control;
 pub mod export;
 pub mod proto;
 pub mod server;
+mod splice;
 
 pub use export::{Export, PoolSlot};
 pub use server::{Config, Listener, Server};
