@@ -4,7 +4,9 @@
 //! (and WRITE payloads) and hands them to a few worker threads through a bounded
 //! channel; workers run them on the pool and write each reply whole under the
 //! connection's writer lock, so replies go out in completion order (pipelined, out of
-//! order). A protocol violation closes that connection only.
+//! order). READs of 64 KiB or more are sent by `splice` (`splice.rs`; why that is safe:
+//! docs/design.md §12, "Zero-copy reads"). A protocol violation closes that connection
+//! only.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
