@@ -865,6 +865,67 @@ impl Pool {
         Ok(())
     }
 
+    /// The descriptor of the data file when zero-copy reads ([`Pool::read_with`]) are
+    /// allowed on this pool: a writable regular file on a filesystem that punches holes
+    /// (see [`Storage::splice_fd`] and docs/design.md §12, "Zero-copy reads").
+    pub fn zero_copy_fd(&self) -> Option<std::os::fd::RawFd> {
+        if self.inner.read_only {
+            return None;
+        }
+        self.inner.data.splice_fd()
+    }
+
+    /// Visit the pieces of the byte range `[offset, offset + len)` in order, each within
+    /// one block: `f(Some(pos), n)` for `n` bytes at byte `pos` of the data file
+    /// ([`Pool::zero_copy_fd`]), `f(None, n)` for `n` bytes that read as zeros. `f` runs
+    /// while the block's stripe is held shared, exactly as [`Pool::read`] copies: no
+    /// write or discard of that block runs meanwhile, and the block cannot be freed
+    /// (delete and `transaction` take every stripe). `f` must not block on anything
+    /// but the data file (it holds the stripe). An error of `f` ends the visit.
+    pub fn read_with(
+        &self,
+        id: ThinId,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Option<u64>, u64) -> std::io::Result<()>,
+    ) -> Result<()> {
+        if len == 0 {
+            return self.check_device(id);
+        }
+        let bs = self.inner.block_bytes;
+        for (vb, off, n) in self.segments(offset, len)? {
+            let stripe = self.stripe(id, vb);
+            let key = stripe_key(id, vb);
+            let mut guard = stripe.lock.read();
+            let gen = self.inner.io_gate.generation();
+            let m = match key.and_then(|k| stripe.find(k, gen)) {
+                Some(m) if !self.inner.poisoned.load(Ordering::Relaxed) => {
+                    if cfg!(debug_assertions) {
+                        self.check_stripe_entry(id, vb, m);
+                    }
+                    m
+                }
+                _ => {
+                    drop(guard);
+                    let w = stripe.lock.write();
+                    let m = self.lookup_for_read(id, vb)?;
+                    if let Some(k) = key {
+                        stripe.set(k, self.inner.io_gate.generation(), m);
+                    }
+                    guard = RwLockWriteGuard::downgrade(w);
+                    m
+                }
+            };
+            let _s = guard;
+            let r = match m {
+                None => f(None, n),
+                Some(b) => f(Some(b.0 * bs + off), n),
+            };
+            r.map_err(|e| io_err(format!("reading block {vb} of device {id}"))(e))?;
+        }
+        Ok(())
+    }
+
     /// The data block of `vb` from the metadata: under the shared lock when it can be
     /// answered from memory, else under the exclusive lock.
     fn lookup_for_read(&self, id: ThinId, vb: u64) -> Result<Option<DataBlock>> {
@@ -1019,14 +1080,32 @@ impl Pool {
             r?
         };
         let r = (|| {
-            if off == 0 && n == bs {
+            let whole = off == 0 && n == bs && data.is_some();
+            // Zero-copy readers (docs/design.md §12, "Zero-copy reads") may still hold
+            // references to this block's page-cache pages from when it was last mapped
+            // (it was freed, then reused). Make it a hole first, so this write lands in
+            // fresh pages: the punch drops the old pages from the file, and pages still
+            // referenced keep their old contents. Normally the punch after the commit
+            // that freed it already did (then this is one `lseek`); if that punch failed,
+            // or the process died before it, it happens here, and if it fails the write
+            // fails. Never skip it while `splice_fd` is Some.
+            let zero_copy = io.splice_fd().is_some();
+            let mut hole = false;
+            if zero_copy || (m == Mapped::Unmapped && !whole) {
+                hole = io.is_hole(nb.0 * bs, bs)?;
+            }
+            if zero_copy && !hole {
+                io.evict(nb.0 * bs, bs)?;
+                hole = true;
+            }
+            if whole {
                 if let Some(d) = data {
                     return io.write_at(d, nb.0 * bs);
                 }
             }
             // A new block that is a hole in the data file already reads as zeros:
             // write only the new bytes instead of a zero-filled whole block.
-            if m == Mapped::Unmapped && io.is_hole(nb.0 * bs, bs)? {
+            if m == Mapped::Unmapped && hole {
                 return match data {
                     Some(d) => io.write_at(d, nb.0 * bs + off),
                     None => Ok(()),

@@ -5,7 +5,9 @@
 //! * [`export`]: exports (a volume or snapshot of an open pool) and the pools behind
 //!   them, paused and resumed through the control socket ([`control`]);
 //! * [`block_status`]: `base:allocation` extents from the mapping tree;
-//! * [`server`]: listener, handshake, transmission (pipelined, out of order).
+//! * [`server`]: listener, handshake, transmission (pipelined, out of order);
+//! * `splice`: zero-copy READ replies (data file → pipe → socket), whose safety
+//!   argument is docs/design.md §12, "Zero-copy reads".
 
 // NBD is big-endian on the wire (unlike the on-disk format the workspace lint guards).
 #![allow(clippy::big_endian_bytes)]
@@ -15,6 +17,7 @@ pub mod control;
 pub mod export;
 pub mod proto;
 pub mod server;
+mod splice;
 
 pub use export::{Export, PoolSlot};
 pub use server::{Config, Listener, Server};

@@ -4,7 +4,9 @@
 //! (and WRITE payloads) and hands them to a few worker threads through a bounded
 //! channel; workers run them on the pool and write each reply whole under the
 //! connection's writer lock, so replies go out in completion order (pipelined, out of
-//! order). A protocol violation closes that connection only.
+//! order). READs of 64 KiB or more are sent by `splice` (`splice.rs`; why that is safe:
+//! docs/design.md §12, "Zero-copy reads"). A protocol violation closes that connection
+//! only.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -20,6 +22,7 @@ use crate::block_status;
 use crate::export::Export;
 use crate::info;
 use crate::proto::*;
+use crate::splice::{self, Outcome, Pipe, Scratch};
 
 /// Server limits and sizes.
 #[derive(Clone, Debug)]
@@ -73,11 +76,20 @@ impl Stream {
             Stream::Tcp(s) => s.set_write_timeout(d),
         }
     }
-    fn shutdown(&self, how: Shutdown) {
+    pub(crate) fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
         };
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
     }
 }
 
@@ -279,7 +291,7 @@ impl Server {
                 ""
             }
         );
-        self.transmission(s, agreed)
+        self.transmission(s, agreed, id)
     }
 
     fn find(&self, name: &str) -> Option<Arc<Export>> {
@@ -519,7 +531,7 @@ impl Server {
         }
     }
 
-    fn transmission(&self, mut s: Stream, a: Agreed) -> io::Result<()> {
+    fn transmission(&self, mut s: Stream, a: Agreed, id: u64) -> io::Result<()> {
         let conn = Conn {
             writer: Mutex::new(s.try_clone()?),
             export: a.export,
@@ -529,6 +541,8 @@ impl Server {
             inflight: Mutex::new(0),
             drained: Condvar::new(),
             broken: AtomicBool::new(false),
+            spliced: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
         };
         let ext = a.mode == ReplyMode::Extended;
         let hlen = if ext { EXT_REQUEST_LEN } else { REQUEST_LEN };
@@ -575,7 +589,15 @@ impl Server {
             })();
             drop(tx);
             r
-        })
+        })?;
+        let (sp, cp) = (
+            conn.spliced.load(Ordering::Relaxed),
+            conn.copied.load(Ordering::Relaxed),
+        );
+        if sp + cp > 0 {
+            info!("client {id}: {sp} reads sent zero-copy, {cp} copied");
+        }
+        Ok(())
     }
 }
 
@@ -594,6 +616,9 @@ struct Conn {
     inflight: Mutex<u64>,
     drained: Condvar,
     broken: AtomicBool,
+    /// READ replies sent by splice / by copying (logged when the connection ends).
+    spliced: AtomicU64,
+    copied: AtomicU64,
 }
 
 /// Buffers kept per connection for reuse (no allocation per request), at most
@@ -656,15 +681,25 @@ impl Conn {
     }
 }
 
+/// A worker's zero-copy state: its pipe (made on its first large read) and scratch.
+#[derive(Default)]
+struct ZeroCopy {
+    pipe: Option<Pipe>,
+    /// No pipe could be made: this worker copies.
+    off: bool,
+    scratch: Scratch,
+}
+
 fn worker(c: &Conn, rx: &Mutex<Receiver<Job>>) {
     let mut out = Vec::with_capacity(256);
+    let mut zc = ZeroCopy::default();
     loop {
         let job = match rx.lock().unwrap().recv() {
             Ok(j) => j,
             Err(_) => return,
         };
         let Job { req, buf } = job;
-        let buf = run(c, &req, buf, &mut out);
+        let buf = run(c, &req, buf, &mut out, &mut zc);
         c.release(req.payload);
         c.give_buf(buf);
     }
@@ -682,8 +717,45 @@ fn range_error(r: &Request, size: u64, write: bool) -> Option<u32> {
 
 static ZEROES: [u8; 64 << 10] = [0u8; 64 << 10];
 
+/// A READ by splice (`splice.rs`; safety: docs/design.md §12, "Zero-copy reads").
+/// `None`: not attempted or nothing was sent — use the copying path. `Some(Ok)`: the
+/// reply is sent (a failure after part of it closed the connection). `Some(Err)`:
+/// nothing was sent, reply with this error.
+fn read_zero_copy(c: &Conn, r: &Request, zc: &mut ZeroCopy) -> Option<Result<(), u32>> {
+    let e = &*c.export;
+    if r.length < splice::MIN_SPLICE_READ || e.slot.read_only || zc.off {
+        return None;
+    }
+    if zc.pipe.is_none() {
+        match Pipe::new() {
+            Ok(p) => zc.pipe = Some(p),
+            Err(err) => {
+                info!("zero-copy reads off for a worker: {err}");
+                zc.off = true;
+                return None;
+            }
+        }
+    }
+    match splice::read_reply(
+        &c.writer,
+        &c.broken,
+        &mut zc.pipe,
+        &mut zc.scratch,
+        c.mode,
+        r,
+        e,
+    ) {
+        Outcome::Sent => {
+            c.spliced.fetch_add(1, Ordering::Relaxed);
+            Some(Ok(()))
+        }
+        Outcome::Fallback => None,
+        Outcome::Error(err) => Some(Err(err)),
+    }
+}
+
 /// Run one request and send its reply. Returns the buffer for reuse.
-fn run(c: &Conn, r: &Request, mut buf: Vec<u8>, out: &mut Vec<u8>) -> Vec<u8> {
+fn run(c: &Conn, r: &Request, mut buf: Vec<u8>, out: &mut Vec<u8>, zc: &mut ZeroCopy) -> Vec<u8> {
     let e = &*c.export;
     let fua = r.flags & CMD_FLAG_FUA != 0;
     if r.flags & !CMD_FLAGS_KNOWN != 0 {
@@ -706,7 +778,13 @@ fn run(c: &Conn, r: &Request, mut buf: Vec<u8>, out: &mut Vec<u8>) -> Vec<u8> {
                 Err(err)
             } else if r.length > MAX_PAYLOAD as u64 {
                 Err(EINVAL)
+            } else if let Some(res) = read_zero_copy(c, r, zc) {
+                match res {
+                    Ok(()) => return buf,
+                    Err(err) => Err(err),
+                }
             } else {
+                c.copied.fetch_add(1, Ordering::Relaxed);
                 let n = r.length as usize;
                 let need = REPLY_HEADROOM + n;
                 if buf.len() < need {

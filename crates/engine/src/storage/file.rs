@@ -47,6 +47,9 @@ pub struct FileStorage {
     len: AtomicU64,
     /// Serialises `grow` so two concurrent calls can never shrink the file.
     grow_lock: Mutex<()>,
+    /// A writable regular file whose filesystem punches holes (probed at open):
+    /// zero-copy reads may splice from it (see [`Storage::splice_fd`]).
+    punches: bool,
 }
 
 impl FileStorage {
@@ -84,6 +87,11 @@ impl FileStorage {
                 ),
             ));
         };
+        // Probe hole punching where it changes nothing: a range past the end of the
+        // file (KEEP_SIZE). Filesystems without it answer EOPNOTSUPP.
+        let punches = writable
+            && kind == Kind::File
+            && sys::punch_hole(&file, len.max(1 << 20), 4096).is_ok();
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -91,6 +99,7 @@ impl FileStorage {
             writable,
             len: AtomicU64::new(len),
             grow_lock: Mutex::new(()),
+            punches,
         })
     }
 
@@ -232,6 +241,25 @@ impl Storage for FileStorage {
             };
         }
         Ok(r as u64 >= offset.saturating_add(len))
+    }
+
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.punches
+            .then(|| std::os::fd::AsRawFd::as_raw_fd(&self.file))
+    }
+
+    fn evict(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable("evict")?;
+        let dev_len = self.len.load(Ordering::Acquire);
+        check_range(Access::Discard, offset, len, dev_len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.kind {
+            Kind::File => sys::punch_hole(&self.file, offset, len),
+            // Never spliced from (`splice_fd` is None): nothing to evict.
+            Kind::Block { .. } => Ok(()),
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -44,4 +44,20 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn is_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
+    /// The descriptor zero-copy readers may `splice` page-cache pages from, or `None`
+    /// (the default) when they must copy. `Some` only for a regular file opened writable
+    /// on a filesystem that punches holes, because of the rule that comes with it
+    /// (docs/design.md §12, "Zero-copy reads"): a data block given to a new mapping is
+    /// first made a hole with [`Storage::evict`], so writes to it land in fresh pages and
+    /// never in pages an earlier reply may still reference.
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Punch `[offset, offset + len)`: it reads as zeros and its page-cache pages leave
+    /// the file (pages still referenced by a pipe or socket keep their contents).
+    /// Errors, rather than writing zeros in place, when the range cannot be punched.
+    /// Only needed where [`Storage::splice_fd`] is `Some`; the default does nothing.
+    fn evict(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
