@@ -48,6 +48,8 @@
 #   REPORT     markdown report path [$WORKDIR/report.md]
 #   PORT       TCP port on 127.0.0.1 for TRANSPORT=tcp [10809 + $$ % 500]
 #   SKIP_FIO=1 / SKIP_COPY=1   skip a section
+#   FIRST_WRITE_ONLY=1   fio: only 4k random writes QD32 on the fresh image (first
+#              writes), to sample that row over more rounds
 set -uo pipefail
 
 RUNTIME=${RUNTIME:-15}
@@ -62,6 +64,7 @@ PORT=${PORT:-$((10809 + $$ % 500))}
 SERVER_CMD=${SERVER_CMD:-}
 SKIP_FIO=${SKIP_FIO:-0}
 SKIP_COPY=${SKIP_COPY:-0}
+FIRST_WRITE_ONLY=${FIRST_WRITE_ONLY:-0}
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -251,6 +254,7 @@ for round in $(seq "$ROUNDS"); do
       SRV_USED[$cfg]="$SRV_DESC"
       # writes first, on the fresh (thin) image: they include the allocation cost
       run_fio "$round" "$cfg" randwrite-4k randwrite 4k 32
+      if [[ $FIRST_WRITE_ONLY == 1 ]]; then stop_server; continue; fi
       run_fio "$round" "$cfg" randwrite-4k randwrite 4k 1
       run_fio "$round" "$cfg" seqwrite-1M  write     1M 32
       run_fio "$round" "$cfg" seqwrite-1M  write     1M 1
