@@ -625,5 +625,12 @@ pub fn receive_cmd(a: ReceiveArgs) -> Result<ExitCode> {
             rate(sum.data_bytes, secs)
         );
     }
+    for n in &sum.digests_recomputed {
+        eprintln!(
+            "thinvol: warning: {n}: the digest derived from stored digests and the \
+             content-hash cache disagreed with the stream; the received content, hashed \
+             from scratch, matches it (the cache was cleared and is rebuilt as data is hashed)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -99,6 +99,15 @@ impl ChunkCache {
             .map_err(io(format!("writing {}", self.path.display())))
     }
 
+    /// Forget every entry (all become unknown, which is always safe), durably. Every
+    /// open handle of the pool's cache sees it: the file is cut, not replaced.
+    pub fn clear(&self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .map_err(io(format!("clearing {}", self.path.display())))?;
+        self.sync()
+    }
+
     /// Make the records durable (before a digest that relies on them is stored).
     pub fn sync(&self) -> Result<()> {
         self.file

@@ -66,6 +66,11 @@ pub struct ReceiveSummary {
     pub zero_bytes: u64,
     pub unmap_bytes: u64,
     pub resumed_at: u64,
+    /// Snapshots whose digest, derived from the base's stored digest and the
+    /// content-hash cache, disagreed with the stream's while the received content,
+    /// hashed from scratch, agreed: the stored inputs were stale; the cache was
+    /// cleared (docs/design.md §13.5).
+    pub digests_recomputed: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -647,6 +652,11 @@ impl Rx<'_> {
                 };
                 let theirs = LtHash::from_bytes(&e.digest)
                     .ok_or_else(|| StreamError::Corrupt("bad digest length".into()))?;
+                let d = if d != theirs {
+                    self.recheck_digest(i - 1, d, &theirs)?
+                } else {
+                    d
+                };
                 if d != theirs {
                     return Err(StreamError::Corrupt(format!(
                         "content digest of {}@{} mismatch: received content {}, source {}",
@@ -666,6 +676,26 @@ impl Rx<'_> {
             Body::End(_) => unreachable!("handled by the caller"),
         }
         Ok(())
+    }
+
+    /// The derived digest `derived` of part `i` disagrees with the stream's. The
+    /// derivation trusted the base's stored digest and the content-hash cache
+    /// (invariant C, docs/design.md §13.5); before calling the received content wrong,
+    /// hash the hidden device from scratch (cost ∝ its mapped size, on this failure
+    /// path only). If that agrees, the stored inputs were stale: the cache is
+    /// cleared (every entry becomes unknown, which is always safe) and the fresh
+    /// digest is used. Otherwise the content really differs and `derived` is kept.
+    fn recheck_digest(&mut self, i: usize, derived: LtHash, theirs: &LtHash) -> Result<LtHash> {
+        let p = &self.parts[i];
+        let hidden = self.state.parts[i].hidden;
+        let fresh = digest::full_pool(&self.cp.pool, hidden, p.volume_size)?;
+        if &fresh != theirs {
+            return Ok(derived);
+        }
+        self.cache.clear()?;
+        let name = format!("{}/{}@{}", self.cp.name, self.volume_name(p), p.snapshot);
+        self.sum.digests_recomputed.push(name);
+        Ok(fresh)
     }
 
     /// Digest of part `i`'s hidden device, from its base's digest (cost ∝ delta).
