@@ -575,3 +575,32 @@ mod tests {
         assert_eq!(median_f64(&[1.0, 4.0, 2.0, 3.0]), 2.5);
     }
 }
+
+/// The 4 KiB workloads of `engine-io` and `read-diag` (both files and thin devices
+/// get the same offsets from the same seed).
+pub mod offsets {
+    use super::SplitMix64;
+
+    fn shuffle(v: &mut [u64], rng: &mut SplitMix64) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+
+    /// One `io`-aligned offset inside every `block`, blocks in random order.
+    pub fn first_write(size: u64, block: u64, io: u64, seed: u64) -> Vec<u64> {
+        let mut rng = SplitMix64::new(seed);
+        let mut blocks: Vec<u64> = (0..size / block).collect();
+        shuffle(&mut blocks, &mut rng);
+        blocks
+            .into_iter()
+            .map(|b| b * block + rng.below(block / io) * io)
+            .collect()
+    }
+
+    /// `n` random `io`-aligned offsets below `size`.
+    pub fn random(size: u64, io: u64, n: u64, seed: u64) -> Vec<u64> {
+        let mut rng = SplitMix64::new(seed);
+        (0..n).map(|_| rng.below(size / io) * io).collect()
+    }
+}

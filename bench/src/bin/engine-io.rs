@@ -30,7 +30,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
-use thinvol_bench::{cpu_self, drop_file_cache, work_dir, SplitMix64};
+use thinvol_bench::{cpu_self, drop_file_cache, work_dir};
 use thinvol_bench::{fail, fmt_dur, human_count, median_f64, time, verdict, Args, Report};
 use thinvol_engine::format::{DataBlockSize, ThinId};
 use thinvol_engine::storage::{MemStorage, Storage};
@@ -38,6 +38,14 @@ use thinvol_engine::{default_metadata_size, Pool, PoolConfig};
 
 const IO: usize = 4096;
 const BLOCK: u64 = 64 << 10;
+
+fn first_write_offsets(size: u64, seed: u64) -> Vec<u64> {
+    thinvol_bench::offsets::first_write(size, BLOCK, IO as u64, seed)
+}
+
+fn random_offsets(size: u64, n: u64, seed: u64) -> Vec<u64> {
+    thinvol_bench::offsets::random(size, IO as u64, n, seed)
+}
 
 #[derive(Clone, Copy)]
 enum Side<'a> {
@@ -209,30 +217,6 @@ fn drop_caches(paths: &[&Path]) {
     for p in paths {
         drop_file_cache(p).unwrap_or_else(|e| fail(&format!("{}: {e}", p.display())));
     }
-}
-
-fn shuffle(v: &mut [u64], rng: &mut SplitMix64) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-}
-
-/// One 4 KiB-aligned offset inside every 64 KiB block, blocks in random order.
-fn first_write_offsets(size: u64, seed: u64) -> Vec<u64> {
-    let mut rng = SplitMix64::new(seed);
-    let mut blocks: Vec<u64> = (0..size / BLOCK).collect();
-    shuffle(&mut blocks, &mut rng);
-    blocks
-        .into_iter()
-        .map(|b| b * BLOCK + rng.below(BLOCK / IO as u64) * IO as u64)
-        .collect()
-}
-
-fn random_offsets(size: u64, n: u64, seed: u64) -> Vec<u64> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|_| rng.below(size / IO as u64) * IO as u64)
-        .collect()
 }
 
 /// Sequential writes of `chunk` bytes over the whole device / file.

@@ -12,12 +12,20 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use thinvol_bench::{drop_file_cache, fail, work_dir, Args, SplitMix64};
+use thinvol_bench::{drop_file_cache, fail, work_dir, Args};
 use thinvol_engine::format::{DataBlockSize, ThinId};
 use thinvol_engine::{Pool, PoolConfig};
 
 const IO: usize = 4096;
 const BLOCK: u64 = 64 << 10;
+
+fn first_write_offsets(size: u64, seed: u64) -> Vec<u64> {
+    thinvol_bench::offsets::first_write(size, BLOCK, IO as u64, seed)
+}
+
+fn random_offsets(size: u64, n: u64, seed: u64) -> Vec<u64> {
+    thinvol_bench::offsets::random(size, IO as u64, n, seed)
+}
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -31,29 +39,6 @@ fn thread_cpu() -> Duration {
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| fail(&e.to_string()))
-}
-
-fn shuffle(v: &mut [u64], rng: &mut SplitMix64) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-}
-
-fn first_write_offsets(size: u64, seed: u64) -> Vec<u64> {
-    let mut rng = SplitMix64::new(seed);
-    let mut blocks: Vec<u64> = (0..size / BLOCK).collect();
-    shuffle(&mut blocks, &mut rng);
-    blocks
-        .into_iter()
-        .map(|b| b * BLOCK + rng.below(BLOCK / IO as u64) * IO as u64)
-        .collect()
-}
-
-fn random_offsets(size: u64, n: u64, seed: u64) -> Vec<u64> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|_| rng.below(size / IO as u64) * IO as u64)
-        .collect()
 }
 
 fn create(path: &Path, size: u64) -> File {

@@ -827,32 +827,7 @@ impl Pool {
         for (vb, off, n) in self.segments(offset, buf.len() as u64)? {
             let seg = &mut buf[done..done + n as usize];
             done += n as usize;
-            let stripe = self.stripe(id, vb);
-            let key = stripe_key(id, vb);
-            let mut guard = stripe.lock.read();
-            let gen = self.inner.io_gate.generation();
-            let cached = key.and_then(|k| stripe.find(k, gen));
-            let m = match cached {
-                Some(m) if !self.inner.poisoned.load(Ordering::Relaxed) => {
-                    // No metadata lock: the stripe lock keeps the entry current.
-                    if cfg!(debug_assertions) {
-                        self.check_stripe_entry(id, vb, m);
-                    }
-                    m
-                }
-                _ => {
-                    // Fill the stripe's cache: that needs the stripe exclusively.
-                    drop(guard);
-                    let w = stripe.lock.write();
-                    let m = self.lookup_for_read(id, vb)?;
-                    if let Some(k) = key {
-                        stripe.set(k, self.inner.io_gate.generation(), m);
-                    }
-                    guard = RwLockWriteGuard::downgrade(w);
-                    m
-                }
-            };
-            let _s = guard;
+            let (_s, m) = self.hold_for_read(id, vb)?;
             match m {
                 None => seg.fill(0),
                 Some(b) => self
@@ -863,6 +838,41 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// Block `vb`'s stripe held shared, and its data block (None: unmapped). A block
+    /// whose mapping the stripe caches needs nothing else (no metadata lock: the
+    /// stripe lock keeps the entry current); otherwise the stripe is taken
+    /// exclusively for the metadata lookup that fills its cache, then downgraded.
+    /// Shared by [`Pool::read`] and [`Pool::read_with`]: both touch the data only
+    /// while the guard lives.
+    #[inline]
+    fn hold_for_read(
+        &self,
+        id: ThinId,
+        vb: u64,
+    ) -> Result<(RwLockReadGuard<'_, ()>, Option<DataBlock>)> {
+        let stripe = self.stripe(id, vb);
+        let key = stripe_key(id, vb);
+        let guard = stripe.lock.read();
+        let gen = self.inner.io_gate.generation();
+        match key.and_then(|k| stripe.find(k, gen)) {
+            Some(m) if !self.inner.poisoned.load(Ordering::Relaxed) => {
+                if cfg!(debug_assertions) {
+                    self.check_stripe_entry(id, vb, m);
+                }
+                Ok((guard, m))
+            }
+            _ => {
+                drop(guard);
+                let w = stripe.lock.write();
+                let m = self.lookup_for_read(id, vb)?;
+                if let Some(k) = key {
+                    stripe.set(k, self.inner.io_gate.generation(), m);
+                }
+                Ok((RwLockWriteGuard::downgrade(w), m))
+            }
+        }
     }
 
     /// The descriptor of the data file when zero-copy reads ([`Pool::read_with`]) are
@@ -894,29 +904,7 @@ impl Pool {
         }
         let bs = self.inner.block_bytes;
         for (vb, off, n) in self.segments(offset, len)? {
-            let stripe = self.stripe(id, vb);
-            let key = stripe_key(id, vb);
-            let mut guard = stripe.lock.read();
-            let gen = self.inner.io_gate.generation();
-            let m = match key.and_then(|k| stripe.find(k, gen)) {
-                Some(m) if !self.inner.poisoned.load(Ordering::Relaxed) => {
-                    if cfg!(debug_assertions) {
-                        self.check_stripe_entry(id, vb, m);
-                    }
-                    m
-                }
-                _ => {
-                    drop(guard);
-                    let w = stripe.lock.write();
-                    let m = self.lookup_for_read(id, vb)?;
-                    if let Some(k) = key {
-                        stripe.set(k, self.inner.io_gate.generation(), m);
-                    }
-                    guard = RwLockWriteGuard::downgrade(w);
-                    m
-                }
-            };
-            let _s = guard;
+            let (_s, m) = self.hold_for_read(id, vb)?;
             let r = match m {
                 None => f(None, n),
                 Some(b) => f(Some(b.0 * bs + off), n),
