@@ -13,7 +13,10 @@
 //! the pool's data file at the offsets device 0 maps to (engine bypassed, but each
 //! offset goes through the benchmark's 128 KiB block table); reads of the data file at
 //! the plain file's own offsets (the file without the table); reads of the plain file
-//! after the same dependent table load (the table without the file); and the engine
+//! after the same dependent table load (the table without the file); the thin device
+//! against the plain file read through a mapping of it (`memcpy`: no system call on
+//! either side, since the engine copies small reads from a mapping of its data file;
+//! `THINVOL_MAPPED_READS=0` makes it `pread` like the plain side); and the engine
 //! alone on a null data device.
 //!
 //! Both sides get exactly the same offsets and contents. The work is split into
@@ -60,6 +63,49 @@ enum Side<'a> {
     /// below 2^40: shifted right by 40 they add 0): the cost of translating a virtual
     /// block through a table of the device's size, with nothing else changed.
     Loaded(&'a File, &'a [u64]),
+    /// The plain file read through a shared mapping of it (`memcpy`, no system call):
+    /// the like-for-like peer of the engine's mapped reads. Reads only.
+    Mapped(&'a [u8]),
+}
+
+/// A read-only shared mapping of a whole file.
+struct FileMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl FileMap {
+    fn new(f: &File, len: u64) -> FileMap {
+        let len = len as usize;
+        // SAFETY: a fresh read-only shared mapping of an open file of `len` bytes,
+        // unmapped in `drop`; the file is never truncated while it lives.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            fail(&format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        FileMap { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped, readable bytes that live as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mapped in `new`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,6 +129,7 @@ impl Side<'_> {
             Side::Loaded(f, map) => f
                 .write_all_at(buf, off + (map[(off / BLOCK) as usize] >> 40))
                 .unwrap_or_else(|e| fail(&format!("pwrite at {off}: {e}"))),
+            Side::Mapped(_) => fail("the mapped plain side is read-only"),
         }
     }
 
@@ -100,6 +147,7 @@ impl Side<'_> {
             Side::Loaded(f, map) => f
                 .read_exact_at(buf, off + (map[(off / BLOCK) as usize] >> 40))
                 .unwrap_or_else(|e| fail(&format!("pread at {off}: {e}"))),
+            Side::Mapped(m) => buf.copy_from_slice(&m[off as usize..off as usize + buf.len()]),
         }
     }
 }
@@ -362,12 +410,18 @@ fn main() {
     let mut rep = Report::start("engine-io", &args, dir);
     rep.note(&format!(
         "device size {} MiB (64 KiB blocks: {}), {} random ops per phase, {} slices, \
-         threads {:?}, buffered I/O on both sides, pool commit interval 0 (explicit commits only)",
+         threads {:?}, buffered I/O on both sides, pool commit interval 0 (explicit commits only); \
+         thin reads {}",
         size >> 20,
         size / BLOCK,
         human_count(ops),
         slices,
-        threads_list
+        threads_list,
+        if std::env::var_os("THINVOL_MAPPED_READS").is_some_and(|v| v == "0") {
+            "with pread (THINVOL_MAPPED_READS=0)"
+        } else {
+            "copied from a mapping of the data file (x86-64 Linux; THINVOL_MAPPED_READS=0 for pread)"
+        }
     ));
 
     let devs = threads_list.len() as u64;
@@ -545,6 +599,25 @@ fn main() {
         r,
         goal: None,
     });
+    // Like for like: the plain file through a mapping, against the thin device.
+    let plain_map = FileMap::new(&files[0], size);
+    let offs = random_offsets(size, ops, seed + 900);
+    let r = phase(
+        Side::Mapped(plain_map.bytes()),
+        thin,
+        &offs,
+        slices,
+        1,
+        Kind::Read,
+        0,
+    );
+    results.push(Row {
+        name: "diagnostic: random-read, thin device against the plain file through a mapping (memcpy)",
+        threads: 1,
+        r,
+        goal: None,
+    });
+    drop(plain_map);
 
     // The same bytes must be on both sides, or the comparison is void.
     let mut verified = Vec::new();

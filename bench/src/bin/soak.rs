@@ -28,11 +28,14 @@ use thinvol_engine::PoolConfig;
 const FLAT: f64 = 1.5;
 const BS: u64 = 64 << 10;
 
+/// Anonymous resident memory (`RssAnon`): what a leak grows. `VmRSS` also counts the
+/// page-cache pages of the pool's files that small reads copy from a mapping
+/// (docs/design.md §4.1), which are the page cache's, not ours.
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("RssAnon:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -199,7 +202,7 @@ fn main() {
             max_points = max_points.max(cur.points);
             (cur.archive_bytes, cur.archive_files) = dir_bytes(&adir);
             eprintln!(
-                "{:>6} iterations  {:>10}/iter (median {}, cpu {})  rss {} KiB  archive {} points {} files {} KiB  ({:.0} s)",
+                "{:>6} iterations  {:>10}/iter (median {}, cpu {})  anon rss {} KiB  archive {} points {} files {} KiB  ({:.0} s)",
                 cur.end,
                 fmt_dur(cur.mean),
                 fmt_dur(cur.median),
@@ -267,7 +270,7 @@ fn main() {
             "write",
             "rollback",
             "destroy",
-            "RSS MiB",
+            "anon RSS MiB",
             "archive points",
             "archive files",
             "archive KiB",
@@ -319,7 +322,7 @@ fn main() {
         verdict(time_flat)
     ));
     rep.summary(format!(
-        "RSS first {:.1} MiB -> last {:.1} MiB (ratio {rss_ratio:.2}); flat (<= {FLAT}) {}",
+        "anonymous RSS first {:.1} MiB -> last {:.1} MiB (ratio {rss_ratio:.2}); flat (<= {FLAT}) {}",
         first.rss_kib as f64 / 1024.0,
         last.rss_kib as f64 / 1024.0,
         verdict(rss_flat)

@@ -15,6 +15,7 @@
 
 mod crash;
 mod file;
+mod mapped;
 mod mem;
 
 pub use crash::{CrashImage, CrashMode, CrashSim, CrashStorage};
