@@ -466,7 +466,7 @@ impl Pool {
         let meta = FileStorage::create(&mpath, msize)
             .map_err(io_err(format!("creating {}", mpath.display())))?;
         let data = match FileStorage::create(&dpath, nr_blocks * bs) {
-            Ok(d) => d,
+            Ok(d) => d.map_for_reads(),
             Err(e) => {
                 let _ = std::fs::remove_file(&mpath);
                 return Err(io_err(format!("creating {}", dpath.display()))(e));
@@ -497,7 +497,8 @@ impl Pool {
         let meta = FileStorage::open(&mpath, true)
             .map_err(io_err(format!("opening {}", mpath.display())))?;
         let data = FileStorage::open(&dpath, true)
-            .map_err(io_err(format!("opening {}", dpath.display())))?;
+            .map_err(io_err(format!("opening {}", dpath.display())))?
+            .map_for_reads();
         Self::open_on_inner(Arc::new(meta), Arc::new(data), opts, Some(dir))
     }
 

@@ -1,4 +1,5 @@
-//! Small reads of a regular file come from a mapping of it (storage/mapped.rs,
+//! Small reads of a regular file come from a mapping of it once
+//! `FileStorage::map_for_reads` was called, as the pool does for its data file (storage/mapped.rs,
 //! docs/design.md §4.1). These tests hold the mapping to the promises of `pread`:
 //! the same bytes at every instant, and a failed page is an error, not a dead
 //! process — while a SIGBUS that is not ours still kills the process.
@@ -29,7 +30,7 @@ fn mapped_reads_see_every_write_and_punch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
     let len = 16 * MIB;
-    let s = FileStorage::create(&path, len).unwrap();
+    let s = FileStorage::create(&path, len).unwrap().map_for_reads();
     mapped(&s);
     let other = OpenOptions::new().write(true).open(&path).unwrap();
     let mut model = vec![0u8; len as usize];
@@ -75,7 +76,7 @@ fn mapped_reads_see_every_write_and_punch() {
 fn truncated_file_is_an_error_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
-    let s = FileStorage::create(&path, 8 * MIB).unwrap();
+    let s = FileStorage::create(&path, 8 * MIB).unwrap().map_for_reads();
     mapped(&s);
     s.write_at(&[0x5a; 4096], 4 * MIB).unwrap();
     let mut buf = [0u8; 4096];
@@ -112,7 +113,7 @@ fn truncated_file_is_an_error_not_a_crash() {
 fn growth_past_the_reservation_still_reads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
-    let s = FileStorage::create(&path, MIB).unwrap();
+    let s = FileStorage::create(&path, MIB).unwrap().map_for_reads();
     mapped(&s);
     s.grow(3 << 30).unwrap(); // sparse
     for off in [MIB, (1 << 30) - 4096, (2 << 30) - 2048, (3 << 30) - 4096] {
@@ -135,7 +136,7 @@ fn child_faults_outside_our_copy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
     // Installs our handler.
-    let s = FileStorage::create(&path, MIB).unwrap();
+    let s = FileStorage::create(&path, MIB).unwrap().map_for_reads();
     mapped(&s);
     let f = OpenOptions::new()
         .read(true)
@@ -184,4 +185,56 @@ fn a_sigbus_that_is_not_ours_still_kills() {
         out.status,
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Through the pool: a data file cut short behind the pool's back makes reads of the
+/// lost blocks fail with an error naming the data block; the process lives on.
+#[test]
+fn pool_read_of_a_lost_page_is_an_error() {
+    use std::time::Duration;
+    use thinvol_engine::format::{DataBlockSize, ThinId};
+    use thinvol_engine::{Pool, PoolConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PoolConfig {
+        data_block_size: DataBlockSize::DEFAULT,
+        data_size: 64 * MIB,
+        metadata_size: None,
+        commit_interval: Duration::ZERO,
+    };
+    let pool = Pool::create(dir.path(), &cfg).unwrap();
+    pool.create_thin(ThinId(0)).unwrap();
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    for vb in 0..64u64 {
+        pool.write(ThinId(0), vb * 65536 + 4096, &bytes).unwrap();
+    }
+    pool.commit().unwrap();
+    let mut buf = vec![0u8; 4096];
+    pool.read(ThinId(0), 63 * 65536 + 4096, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+
+    let data = dir.path().join(thinvol_engine::DATA_FILE);
+    OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let mut failed = 0;
+    // Backwards: forward reads this close together would count as a sequential stream
+    // and go to pread, and this test is about the mapping.
+    for vb in (0..64u64).rev() {
+        match pool.read(ThinId(0), vb * 65536 + 4096, &mut buf) {
+            Ok(()) => assert_eq!(buf, bytes, "block {vb} read back wrong bytes"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("data block"),
+                    "error should name the data block: {msg}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    // 1 MiB is 16 blocks of 64 KiB: every block past it is lost.
+    assert!(failed >= 64 - 16, "only {failed} of 64 reads failed");
 }

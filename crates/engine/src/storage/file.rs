@@ -1,10 +1,11 @@
 //! Backing store over a regular file or a block device.
 //!
 //! All I/O is positional (`pread`/`pwrite` through [`FileExt`]), so one
-//! [`FileStorage`] can be used from many threads at once through `&self`. Small reads
-//! of a regular file are copied from a read-only mapping of it instead of `pread`
-//! (same page cache, no system call; see [`super::mapped`]), unless the environment
-//! sets `THINVOL_MAPPED_READS=0`.
+//! [`FileStorage`] can be used from many threads at once through `&self`. After
+//! [`FileStorage::map_for_reads`] (the pool's data file), small reads of a regular file
+//! are copied from a read-only mapping of it instead of `pread` (same page cache, no
+//! system call; see [`super::mapped`]), unless the environment sets
+//! `THINVOL_MAPPED_READS=0`.
 //!
 //! Discard semantics (the range must read back as zeros afterwards):
 //! * Regular file: `fallocate(PUNCH_HOLE | KEEP_SIZE)`; if the filesystem does not
@@ -103,11 +104,6 @@ impl FileStorage {
         let punches = writable
             && kind == Kind::File
             && sys::punch_hole(&file, len.max(1 << 20), 4096).is_ok();
-        let map = if kind == Kind::File && mapped_reads_enabled() {
-            ReadMap::new(&file, len)
-        } else {
-            None
-        };
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -116,7 +112,7 @@ impl FileStorage {
             len: AtomicU64::new(len),
             grow_lock: Mutex::new(()),
             punches,
-            map,
+            map: None,
         })
     }
 
@@ -125,8 +121,20 @@ impl FileStorage {
         &self.path
     }
 
-    /// Whether small reads are copied from a mapping of the file rather than read
-    /// with `pread` (regular files on x86-64 Linux, unless `THINVOL_MAPPED_READS=0`).
+    /// From now on, copy reads of up to 32 KiB from a read-only mapping of the file
+    /// rather than `pread` them: regular files on x86-64 Linux, unless the environment
+    /// sets `THINVOL_MAPPED_READS=0`; otherwise (or if the mapping fails) nothing
+    /// changes. Worth it for hot, random small reads (the data file); a fresh mapping
+    /// pays a page fault per first touch and the kernel's readaround on cold pages,
+    /// which is why the metadata file is not mapped (docs/design.md §4.1).
+    pub fn map_for_reads(mut self) -> Self {
+        if self.kind == Kind::File && self.map.is_none() && mapped_reads_enabled() {
+            self.map = ReadMap::new(&self.file, self.len.load(Ordering::Acquire));
+        }
+        self
+    }
+
+    /// Whether small reads are copied from a mapping ([`FileStorage::map_for_reads`]).
     pub fn mapped_reads(&self) -> bool {
         self.map.is_some()
     }

@@ -20,7 +20,7 @@
 //! or kills the process as it would have without us. docs/design.md §4.1.
 //!
 //! Only on x86-64 Linux; elsewhere [`ReadMap::new`] returns `None` and every read
-//! uses `pread`.
+//! uses `pread`. Sequential streams use `pread` too ([`continues_stream`]).
 
 use std::fs::File;
 
@@ -55,14 +55,22 @@ impl ReadMap {
     /// mapping. Returns `false` — and the caller must `pread` instead — when it does
     /// not, or when a page could not be read (a fault was caught; `buf` holds junk).
     /// The caller has checked the range against the file's length.
+    /// Reads that continue a sequential stream on this thread are left to `pread`
+    /// (returns `false`), whose readahead the mapping does not have.
     #[inline]
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> bool {
-        let fits = offset
+        let Some(end) = offset
             .checked_add(buf.len() as u64)
-            .is_some_and(|end| end <= self.reserved);
+            .filter(|&end| end <= self.reserved)
+        else {
+            return false;
+        };
+        if continues_stream(self.base as usize, offset, end) {
+            return false;
+        }
         // SAFETY: `offset + len <= reserved`, so the source lies inside our mapping;
         // `imp::copy` survives faults on it.
-        fits && unsafe { imp::copy(buf, self.base.add(offset as usize)) }
+        unsafe { imp::copy(buf, self.base.add(offset as usize)) }
     }
 }
 
@@ -70,6 +78,31 @@ impl Drop for ReadMap {
     fn drop(&mut self) {
         imp::unmap(self.base, self.reserved);
     }
+}
+
+/// A read starting within this many bytes after the end of the previous small read of
+/// the same mapping on the same thread continues a sequential stream. A window rather
+/// than exact adjacency: a stream split over several worker threads (NBD) skips the
+/// pieces the other workers read.
+const STREAM_WINDOW: u64 = 256 << 10;
+
+thread_local! {
+    /// (mapping base, end offset) of this thread's previous mapped-eligible read.
+    static LAST_READ: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Records `[offset, end)` as this thread's latest read of mapping `key` and says
+/// whether it continues the previous one (sequential): such reads go to `pread`, because
+/// the mapping is `MADV_RANDOM` — a page fault reads just the missing page, as a random
+/// `pread` does, where the kernel's default mmap readaround read up to the whole file
+/// for a few thousand random 4 KiB reads of a cold file (measured; docs/design.md §4.1)
+/// — and only `pread` keeps readahead for a sequential stream.
+#[inline]
+fn continues_stream(key: usize, offset: u64, end: u64) -> bool {
+    LAST_READ.with(|last| {
+        let (k, prev_end) = last.replace((key, end));
+        k == key && offset >= prev_end && offset - prev_end < STREAM_WINDOW
+    })
 }
 
 fn reserve_for(len: u64) -> u64 {
@@ -147,6 +180,11 @@ mod imp {
         if p == libc::MAP_FAILED {
             return None;
         }
+        // No readaround on a fault: a cold page is read alone, as by a random `pread`
+        // (sequential streams use `pread`: `continues_stream`). Advisory; on failure the
+        // default readaround stays.
+        // SAFETY: advice on the range just mapped.
+        unsafe { libc::madvise(p, size, libc::MADV_RANDOM) };
         Some(ReadMap {
             base: p as *const u8,
             reserved,
@@ -245,5 +283,27 @@ mod imp {
     pub(super) fn unmap(_base: *const u8, _reserved: u64) {}
     pub(super) unsafe fn copy(_buf: &mut [u8], _src: *const u8) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continues_stream;
+
+    #[test]
+    fn sequential_streams_are_recognised_per_mapping_and_thread() {
+        let (a, b) = (0x1000, 0x2000);
+        assert!(!continues_stream(a, 0, 4096)); // first read
+        assert!(continues_stream(a, 4096, 8192)); // adjacent
+        assert!(continues_stream(a, 16384, 20480)); // a gap another worker read
+        assert!(!continues_stream(b, 20480, 24576)); // another mapping
+        assert!(!continues_stream(a, 24576, 28672)); // ... breaks a's record
+        assert!(!continues_stream(a, 1 << 30, (1 << 30) + 4096)); // far away
+        assert!(!continues_stream(a, 0, 4096)); // backwards
+        assert!(!continues_stream(a, (1 << 20) + 4096, (1 << 20) + 8192)); // past the window
+        assert!(continues_stream(a, (1 << 20) + 8192, (1 << 20) + 12288));
+        std::thread::spawn(|| assert!(!continues_stream(0x1000, (1 << 20) + 12288, 1 << 21)))
+            .join()
+            .unwrap();
     }
 }
