@@ -35,6 +35,7 @@ bin=target/release
 if [ "$quick" = 1 ]; then
   runs=(
     "engine-io --ops 20000 --size-mib 64 --slices 4"
+    "cold-read --ops 2000 --size-mib 64 --rounds 2"
     "snapshot --mapped 1K,100K --snaps 10"
     "delta --mapped 20K,100K --changed 1000 --reps 2"
     "open --mapped 1K,100K --reps 3"
@@ -44,6 +45,7 @@ if [ "$quick" = 1 ]; then
 else
   runs=(
     "engine-io --ops 200000"
+    "cold-read --ops 20000"
     "snapshot --mapped 1K,100K,1M --snaps 50"
     "delta --mapped 100K,1M,4M --changed 10000 --reps 9 --reps-large 3"
     "open --mapped 1K,1M --reps 10"

@@ -32,6 +32,18 @@ fn engine_io_small() {
 }
 
 #[test]
+fn cold_read_small() {
+    let out = run(
+        env!("CARGO_BIN_EXE_cold-read"),
+        &["--ops", "200", "--size-mib", "4", "--rounds", "2"],
+    );
+    assert!(
+        out.contains("| random |") && out.contains("| sequential |"),
+        "{out}"
+    );
+}
+
+#[test]
 fn snapshot_small() {
     if !thinvol_testkit::tools_available() {
         eprintln!("thin-provisioning-tools not installed: skipped");
