@@ -18,9 +18,14 @@ use thinvol_format::block_time::BlockTime;
 use thinvol_format::btree_node::{NodeAccess, NodeRef};
 use thinvol_format::{zeroed_block, Block, DataBlock, MetaBlock};
 
+use std::time::{Duration, Instant};
+
 use crate::btree::MAX_DEPTH;
 use crate::error::{Error, Result};
 use crate::tm::{NodeView, Tm};
+
+type BlockSet =
+    std::collections::HashSet<u64, std::hash::BuildHasherDefault<crate::tm::BlockHasher>>;
 
 /// How one virtual block differs between the left and right device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +99,56 @@ enum Item {
 pub struct DeltaStats {
     pub nodes_read: u64,
     pub subtrees_skipped: u64,
+    /// Nodes asked for ahead of reading (cold metadata only; a hint).
+    pub nodes_prefetched: u64,
+}
+
+/// Reading a pair of nodes slower than this means they came from the disk, not the
+/// page cache (a cached pair takes a few µs): the metadata is cold.
+const COLD_PAIR: Duration = Duration::from_micros(40);
+
+/// Two internal nodes over the same key range were just expanded onto the stacks'
+/// tops (`new_a`, `new_b`, smallest key last). Child pairs over equal key ranges whose
+/// blocks differ will both be read — all of them, in key order, one at a time — so on
+/// cold metadata ask for all of them at once: the reads then overlap instead of
+/// waiting one after another (thin_delta keeps many reads in flight for the same
+/// reason). Equal blocks are skipped unread and not asked for. Only a hint.
+fn prefetch_differing(
+    tm: &Tm,
+    new_a: &[Item],
+    new_b: &[Item],
+    hinted: &mut BlockSet,
+    stats: &mut DeltaStats,
+) {
+    let mut want = Vec::new();
+    for (x, y) in new_a.iter().rev().zip(new_b.iter().rev()) {
+        match (x, y) {
+            (
+                Item::Node {
+                    b: bx,
+                    lo: l1,
+                    hi: h1,
+                    ..
+                },
+                Item::Node {
+                    b: by,
+                    lo: l2,
+                    hi: h2,
+                    ..
+                },
+            ) if l1 == l2 && h1 == h2 => {
+                if bx != by {
+                    want.push(*bx);
+                    want.push(*by);
+                }
+            }
+            // The layouts part: what follows is read on demand.
+            _ => break,
+        }
+    }
+    stats.nodes_prefetched += want.len() as u64;
+    hinted.extend(want.iter().map(|b| b.0));
+    tm.prefetch(&mut want);
 }
 
 /// Read a node of the walk into `buf` (counted in the statistics).
@@ -354,6 +409,8 @@ pub(crate) fn delta(
         depth: 0,
     }];
     let mut out = Vec::new();
+    // Blocks hinted by `prefetch_differing` (cold metadata).
+    let mut hinted = BlockSet::default();
     loop {
         match (a.last().copied(), b.last().copied()) {
             (None, None) => break,
@@ -408,13 +465,21 @@ pub(crate) fn delta(
                 // through the stacks; anything else is expanded on both sides.
                 a.pop();
                 b.pop();
+                let started = Instant::now();
                 let na = read(tm, x, da, &mut buf_a, &mut stats)?;
                 let nb = read(tm, y, db, &mut buf_b, &mut stats)?;
                 if na.is_leaf() && nb.is_leaf() {
                     merge_views(na, nb, lo, hi, include_same, &mut out);
                 } else {
+                    // Cold: slow to read, or hinted as a child of a cold pair (then
+                    // fast to read because of the hint, but its children are cold).
+                    let cold = started.elapsed() >= COLD_PAIR || hinted.contains(&x.0);
+                    let (la, lb) = (a.len(), b.len());
                     push_view(&mut a, na, lo, hi, da);
                     push_view(&mut b, nb, lo, hi, db);
+                    if cold {
+                        prefetch_differing(tm, &a[la..], &b[lb..], &mut hinted, &mut stats);
+                    }
                 }
             }
             (Some(Item::Node { .. }), None) => expand_top(tm, &mut a, &mut buf_a, &mut stats)?,

@@ -146,6 +146,30 @@ impl Tm {
             .map_err(|e| io_err(format!("metadata block {}", b.0))(e))
     }
 
+    /// Hint that `blocks` (sorted or not) will be read soon; neighbours are merged into
+    /// one request. Blocks in memory (dirty or cached) or beyond the device are left out.
+    pub fn prefetch(&self, blocks: &mut [MetaBlock]) {
+        blocks.sort_unstable_by_key(|b| b.0);
+        let bs = METADATA_BLOCK_SIZE as u64;
+        let mut run: Option<(u64, u64)> = None; // [first, end) in blocks
+        let wanted = blocks.iter().map(|b| b.0).filter(|&b| {
+            b < self.msm.nr_blocks && !self.dirty.contains_key(&b) && !self.cache.contains_key(&b)
+        });
+        for b in wanted {
+            run = match run {
+                Some((first, end)) if b <= end => Some((first, end.max(b + 1))),
+                Some((first, end)) => {
+                    self.store.prefetch(first * bs, (end - first) * bs);
+                    Some((b, b + 1))
+                }
+                None => Some((b, b + 1)),
+            };
+        }
+        if let Some((first, end)) = run {
+            self.store.prefetch(first * bs, (end - first) * bs);
+        }
+    }
+
     /// Read and validate a node. `leaf_vs` is the tree's leaf value size.
     pub fn read_node(&mut self, b: MetaBlock, leaf_vs: u32) -> Result<Arc<Node>> {
         self.node_arc(b, leaf_vs).cloned()

@@ -284,6 +284,21 @@ impl Storage for FileStorage {
         Ok(r as u64 >= offset.saturating_add(len))
     }
 
+    fn prefetch(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: an advisory call on our own descriptor; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                off,
+                len,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
         self.punches
             .then(|| std::os::fd::AsRawFd::as_raw_fd(&self.file))

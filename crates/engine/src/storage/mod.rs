@@ -54,6 +54,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// A hint that `[offset, offset + len)` will be read soon: start reading it in the
+    /// background. Never fails and changes no data; the default does nothing.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
     /// Punch `[offset, offset + len)`: it reads as zeros and its page-cache pages leave
     /// the file (pages still referenced by a pipe or socket keep their contents).
     /// Errors, rather than writing zeros in place, when the range cannot be punched.
