@@ -450,6 +450,68 @@ pub fn drop_file_cache(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A read-only shared mapping of a whole file: the like-for-like peer of the engine's
+/// mapped reads (engine-io), and a way to ask which pages are cached (cold-read).
+pub struct FileMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl FileMap {
+    /// Maps the first `len` bytes of `f` (exits the benchmark if that fails).
+    pub fn new(f: &std::fs::File, len: u64) -> FileMap {
+        let len = len as usize;
+        // SAFETY: a fresh read-only shared mapping of an open file, unmapped in
+        // `drop`; callers do not truncate the file while it lives.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            fail(&format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        FileMap { ptr, len }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped, readable bytes that live as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    /// Pages of the mapped range that are in the page cache (`mincore`).
+    pub fn resident_pages(&self) -> u64 {
+        let mut v = vec![0u8; self.len.div_ceil(4096)];
+        // SAFETY: `v` has one byte per page of the mapped range.
+        if unsafe { libc::mincore(self.ptr, self.len, v.as_mut_ptr()) } != 0 {
+            fail(&format!("mincore: {}", std::io::Error::last_os_error()));
+        }
+        v.iter().filter(|b| *b & 1 == 1).count() as u64
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mapped in `new`.
+        unsafe { libc::munmap(self.ptr, self.len.max(1)) };
+    }
+}
+
+/// How the engine reads small blocks in this process, for the report: from a mapping
+/// of the data file unless `THINVOL_MAPPED_READS=0` (docs/design.md §4.1).
+pub fn thin_read_method() -> &'static str {
+    if std::env::var_os("THINVOL_MAPPED_READS").is_some_and(|v| v == "0") {
+        "with pread (THINVOL_MAPPED_READS=0)"
+    } else {
+        "copied from a mapping of the data file (x86-64 Linux; THINVOL_MAPPED_READS=0 for pread)"
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Fixtures built with thin_restore
 // ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thinvol_bench::{drop_file_cache, fail, fmt_dur, human_count, median_f64, work_dir};
-use thinvol_bench::{Args, Report};
+use thinvol_bench::{thin_read_method, Args, FileMap, Report};
 use thinvol_engine::format::{DataBlockSize, ThinId};
 use thinvol_engine::{Pool, PoolConfig};
 
@@ -37,31 +37,7 @@ fn fail_on<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 /// Pages of `path` in the page cache.
 fn cached_pages(path: &Path) -> u64 {
     let f = fail_on(File::open(path));
-    let len = fail_on(f.metadata()).len() as usize;
-    if len == 0 {
-        return 0;
-    }
-    // SAFETY: a fresh read-only mapping used only for mincore, then unmapped.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            fail("mmap for mincore");
-        }
-        let mut v = vec![0u8; len.div_ceil(4096)];
-        let r = libc::mincore(p, len, v.as_mut_ptr());
-        libc::munmap(p, len);
-        if r != 0 {
-            fail("mincore");
-        }
-        v.iter().filter(|b| *b & 1 == 1).count() as u64
-    }
+    FileMap::new(&f, fail_on(f.metadata()).len()).resident_pages()
 }
 
 /// One side of the comparison. The thin side opens the pool for each measurement and
@@ -121,11 +97,7 @@ fn main() {
          thin reads {}",
         size >> 20,
         human_count(ops),
-        if std::env::var_os("THINVOL_MAPPED_READS").is_some_and(|v| v == "0") {
-            "with pread (THINVOL_MAPPED_READS=0)"
-        } else {
-            "from a mapping of the data file where not sequential (x86-64 Linux)"
-        }
+        thin_read_method()
     ));
 
     let cfg = PoolConfig {

@@ -33,7 +33,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
-use thinvol_bench::{cpu_self, drop_file_cache, work_dir};
+use thinvol_bench::{cpu_self, drop_file_cache, thin_read_method, work_dir, FileMap};
 use thinvol_bench::{fail, fmt_dur, human_count, median_f64, time, verdict, Args, Report};
 use thinvol_engine::format::{DataBlockSize, ThinId};
 use thinvol_engine::storage::{MemStorage, Storage};
@@ -66,46 +66,6 @@ enum Side<'a> {
     /// The plain file read through a shared mapping of it (`memcpy`, no system call):
     /// the like-for-like peer of the engine's mapped reads. Reads only.
     Mapped(&'a [u8]),
-}
-
-/// A read-only shared mapping of a whole file.
-struct FileMap {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl FileMap {
-    fn new(f: &File, len: u64) -> FileMap {
-        let len = len as usize;
-        // SAFETY: a fresh read-only shared mapping of an open file of `len` bytes,
-        // unmapped in `drop`; the file is never truncated while it lives.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(f),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            fail(&format!("mmap: {}", std::io::Error::last_os_error()));
-        }
-        FileMap { ptr, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` mapped, readable bytes that live as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for FileMap {
-    fn drop(&mut self) {
-        // SAFETY: exactly the range mapped in `new`.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -417,11 +377,7 @@ fn main() {
         human_count(ops),
         slices,
         threads_list,
-        if std::env::var_os("THINVOL_MAPPED_READS").is_some_and(|v| v == "0") {
-            "with pread (THINVOL_MAPPED_READS=0)"
-        } else {
-            "copied from a mapping of the data file (x86-64 Linux; THINVOL_MAPPED_READS=0 for pread)"
-        }
+        thin_read_method()
     ));
 
     let devs = threads_list.len() as u64;

@@ -51,12 +51,11 @@ impl ReadMap {
         imp::new(file, len)
     }
 
-    /// Copies `[offset, offset + buf.len())` into `buf` if the range lies inside the
-    /// mapping. Returns `false` — and the caller must `pread` instead — when it does
-    /// not, or when a page could not be read (a fault was caught; `buf` holds junk).
-    /// The caller has checked the range against the file's length.
-    /// Reads that continue a sequential stream on this thread are left to `pread`
-    /// (returns `false`), whose readahead the mapping does not have.
+    /// Copies `[offset, offset + buf.len())` into `buf`, a range the caller has checked
+    /// against the file's length. Returns `false`, and the caller must `pread` instead,
+    /// when the range is past the mapping, when it continues a sequential stream on
+    /// this thread (`pread` has readahead, the mapping does not), or when a page could
+    /// not be read (a fault was caught; `buf` holds junk).
     #[inline]
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> bool {
         let Some(end) = offset
